@@ -1,0 +1,27 @@
+"""wush_compile: WUSH-calibrated FP4 (MXFP4 / NVFP4) linear layers that run fast under
+``torch.compile(model, backend="wush")``.
+
+Importing the package registers the ``torch.ops.wush`` ops, the ``wush`` dynamo backend and the
+transformers quantizer (quant_method "wush"); it sets no global torch flags.
+"""
+
+from __future__ import annotations
+
+from . import formats, transforms  # noqa: F401
+from .config import ActScale, Format, KernelChoice, Method, TransformKind, WushConfig
+from .modules import WushLinear
+from . import ops  # noqa: F401  (registers torch.ops.wush.*)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActScale",
+    "Format",
+    "KernelChoice",
+    "Method",
+    "TransformKind",
+    "WushConfig",
+    "WushLinear",
+    "formats",
+    "transforms",
+]

@@ -1,0 +1,167 @@
+"""Configuration: the enums every other module speaks, and the frozen calibration config.
+
+The numeric constants of the formats live in :mod:`wush_compile.formats`; this module only
+names choices. A config is validated once, on construction, with errors that name the bad value
+and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+
+class _StrEnum(str, enum.Enum):
+    """A str-valued enum that parses its own values with a clear error."""
+
+    @classmethod
+    def parse(cls, value: Any) -> "_StrEnum":
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls(value.lower())
+            except ValueError:
+                pass
+        choices = ", ".join(repr(m.value) for m in cls)
+        raise ValueError(f"{cls.__name__}: unknown value {value!r}; choose one of {choices}")
+
+    def __str__(self) -> str:  # f-strings and logs show the plain value
+        return self.value
+
+
+class Format(_StrEnum):
+    """FP4 storage formats (SPEC section 3)."""
+
+    MXFP4 = "mxfp4"  # e2m1 codes, one e8m0 scale per 32 values
+    NVFP4 = "nvfp4"  # e2m1 codes, one e4m3 scale per 16 values, fp32 global scale
+
+    @property
+    def group_size(self) -> int:
+        return 32 if self is Format.MXFP4 else 16
+
+
+class TransformKind(_StrEnum):
+    """Per-block (G, G) transforms (SPEC section 2)."""
+
+    IDENTITY = "identity"
+    HADAMARD = "hadamard"
+    RANDOM = "random"
+    WUS = "wus"
+    WUSH = "wush"
+
+
+class Method(_StrEnum):
+    """Weight quantization algorithm (SPEC section 4)."""
+
+    RTN = "rtn"
+    GPTQ = "gptq"
+
+
+class ActScale(_StrEnum):
+    """How the NVFP4 activation global scale is chosen (SPEC section 3)."""
+
+    STATIC = "static"  # amax of the transformed calibration activations, with headroom
+    FIXED = "fixed"  # the paper's constant (0.1 for both operands)
+
+
+class KernelChoice(_StrEnum):
+    """Which implementation runs a calibrated linear. AUTO lets the dispatcher decide."""
+
+    AUTO = "auto"
+    REFERENCE = "reference"  # the pure-torch twin (any device)
+    TRITON_DECODE = "triton_decode"  # small M: fused transform+quantize prologue, FP4 weights in registers
+    TRITON_FP8 = "triton_fp8"  # MXFP4 prefill: exact re-encoding into an fp8 GEMM
+    TRITON_BF16 = "triton_bf16"  # exact bf16 dequantization + bf16 MMA (NVFP4 prefill, fallback)
+    CUTLASS = "cutlass"  # native block-scaled FP4 MMA (Blackwell cubins)
+
+
+#: The fixed global scale the paper uses for NVFP4 (both operands).
+NVFP4_FIXED_GLOBAL_SCALE = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class WushConfig:
+    """Everything that decides how a model is calibrated. Frozen; validated on construction.
+
+    Args:
+        format: "mxfp4" (G=32) or "nvfp4" (G=16). The group size follows from it.
+        method: "rtn" or "gptq".
+        transform: "identity", "hadamard", "random", "wus" or "wush".
+        nsamples: calibration sequences.
+        seqlen: tokens per calibration sequence.
+        seed: seeds the random transform and the calibration sample order.
+        shared_transform: layers that read the same input (q/k/v, gate/up) get one transform computed
+            from their concatenated weights, so the runtime quantizes the activation once.
+        offload_activations: keep the per-block calibration activations on the CPU between blocks.
+        skip_layers: fully qualified names (or suffixes, e.g. "down_proj") of Linears to leave alone.
+        damp: relative damping of the Hessians (fraction of the mean diagonal).
+        act_scale: NVFP4 activation global scale, "static" (from calibration) or "fixed" (paper's 0.1).
+        act_headroom: the static activation global scale covers this multiple of the calibration amax.
+    """
+
+    format: Format = Format.MXFP4
+    method: Method = Method.GPTQ
+    transform: TransformKind = TransformKind.WUSH
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    shared_transform: bool = False
+    offload_activations: bool = True
+    skip_layers: tuple[str, ...] = ()
+    damp: float = 0.01
+    act_scale: ActScale = ActScale.STATIC
+    act_headroom: float = 2.0
+
+    def __post_init__(self) -> None:
+        # Accept plain strings for the enums; store the enum.
+        for name, enum_cls in (
+            ("format", Format),
+            ("method", Method),
+            ("transform", TransformKind),
+            ("act_scale", ActScale),
+        ):
+            object.__setattr__(self, name, enum_cls.parse(getattr(self, name)))
+        for name in ("nsamples", "seqlen"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"WushConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"WushConfig.seed must be an integer, got {self.seed!r}")
+        if not (isinstance(self.damp, (int, float)) and 0.0 < float(self.damp) < 1.0):
+            raise ValueError(f"WushConfig.damp must be in (0, 1), got {self.damp!r}; the usual value is 0.01")
+        if not (isinstance(self.act_headroom, (int, float)) and float(self.act_headroom) >= 1.0):
+            raise ValueError(f"WushConfig.act_headroom must be >= 1, got {self.act_headroom!r}")
+        if isinstance(self.skip_layers, str):
+            object.__setattr__(self, "skip_layers", (self.skip_layers,))
+        object.__setattr__(self, "skip_layers", tuple(str(s) for s in self.skip_layers))
+        for flag in ("shared_transform", "offload_activations"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"WushConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
+
+    @property
+    def group_size(self) -> int:
+        return self.format.group_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (enums as their values); inverse of :meth:`from_dict`."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.value if isinstance(v, enum.Enum) else (list(v) if isinstance(v, tuple) else v)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "WushConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"WushConfig: unknown settings {unknown}; known settings are {sorted(known)}")
+        kwargs = dict(data)
+        if "skip_layers" in kwargs:
+            kwargs["skip_layers"] = tuple(kwargs["skip_layers"])
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "WushConfig":
+        return dataclasses.replace(self, **changes)

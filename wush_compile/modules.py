@@ -1,0 +1,93 @@
+"""The calibrated layer: buffers only (SPEC section 5), eager forward through ``torch.ops.wush.linear``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import formats
+from .config import Format, TransformKind
+from .ops import library as _ops  # noqa: F401  (registers torch.ops.wush.linear)
+
+__all__ = ["WushLinear"]
+
+
+class WushLinear(nn.Module):
+    """A Linear stored as packed FP4 codes, block scales, per-block transforms and global scales.
+
+    Buffers (all part of the state dict):
+        weight_codes        (N, K/2) uint8   transformed weight W' = W_b @ inv(T_b), e2m1 codes packed
+        weight_scales       (N, K/G) uint8   e8m0 (MXFP4) or e4m3 (NVFP4) block scales
+        transform           (K/G, G, G)      T_b in the model dtype
+        weight_global_scale ()  fp32
+        act_global_scale    ()  fp32         MXFP4: 1/3; NVFP4: static calibration scale or 0.1
+        bias                (N,) optional, model dtype
+
+    Attributes (not tensors; saved in the checkpoint config): ``fmt``, ``transform_kind``, ``share_group`` (name
+    of the group of layers that read the same input with an identical transform, or None).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        fmt: Format | str = Format.MXFP4,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        transform_kind: TransformKind | str = TransformKind.WUSH,
+        share_group: str | None = None,
+    ) -> None:
+        super().__init__()
+        fmt = Format.parse(fmt)
+        formats.check_group_divisible(in_features, fmt, what="WushLinear in_features")
+        g = fmt.group_size
+        self.in_features = in_features
+        self.out_features = out_features
+        self.fmt = fmt
+        self.transform_kind = TransformKind.parse(transform_kind)
+        self.share_group = share_group
+        kw = dict(device=device)
+        self.register_buffer("weight_codes", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, **kw))
+        self.register_buffer("weight_scales", torch.zeros(out_features, in_features // g, dtype=torch.uint8, **kw))
+        self.register_buffer("transform", torch.zeros(in_features // g, g, g, dtype=dtype, **kw))
+        self.register_buffer("weight_global_scale", torch.ones((), dtype=torch.float32, **kw))
+        self.register_buffer("act_global_scale", torch.ones((), dtype=torch.float32, **kw))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
+        else:
+            self.bias = None
+
+    @property
+    def group_size(self) -> int:
+        return self.fmt.group_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transform.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.wush.linear(
+            x,
+            self.weight_codes,
+            self.weight_scales,
+            self.transform,
+            self.weight_global_scale,
+            self.act_global_scale,
+            self.bias,
+            self.fmt.value,
+        )
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The effective weight in the original space, ``dequant(W') @ T`` blockwise, fp32 (N, K)."""
+        w_t = formats.dequantize(self.weight_codes, self.weight_scales, self.weight_global_scale, self.fmt)  # (N, K)
+        nb, g, _ = self.transform.shape
+        wb = w_t.reshape(self.out_features, nb, g)  # (N, K/G, G)
+        return torch.einsum("nbh,bhg->nbg", wb, self.transform.float()).reshape(self.out_features, -1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"fmt={self.fmt.value}, transform={self.transform_kind.value}"
+            + (f", share_group={self.share_group}" if self.share_group else "")
+        )
