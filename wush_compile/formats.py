@@ -257,7 +257,7 @@ def dequantize(
 ) -> torch.Tensor:
     """Packed codes (..., K/2) + scales (..., K/G) + global scale -> values (..., K) in ``dtype``.
 
-    decoded = (e2m1(code) * scale) * global_scale, in fp32, then cast.
+    decoded = e2m1(code) * scale * global_scale rounded once to fp32, then cast.
     """
     fmt = _fmt(fmt)
     if codes.dtype != torch.uint8 or scales.dtype != torch.uint8:
@@ -272,8 +272,10 @@ def dequantize(
     vals = _lut(E2M1_SIGNED_VALUES, codes.device)[unpack_fp4(codes).long()]  # (..., K)
     vals = vals.reshape(*codes.shape[:-1], k // gsz, gsz)  # (..., K/G, G)
     g = torch.as_tensor(global_scale, dtype=torch.float32, device=codes.device).reshape(())
-    out = (vals * _scale_values(scales, fmt).unsqueeze(-1)) * g
-    return out.reshape(*codes.shape[:-1], k).to(dtype)
+    # The product is exact in float64 and rounded once to fp32: the same value as the fp32 products wherever
+    # those stay finite, and no spurious overflow of code * 2**E when E is 126 or 127 (MXFP4).
+    out = (vals.double() * _scale_values(scales, fmt).double().unsqueeze(-1)) * g.double()
+    return out.reshape(*codes.shape[:-1], k).to(torch.float32).to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, fmt: Format | str, global_scale=None) -> torch.Tensor:
