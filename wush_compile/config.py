@@ -131,11 +131,19 @@ class WushConfig:
             raise ValueError(f"WushConfig.seed must be an integer, got {self.seed!r}")
         if not (isinstance(self.damp, (int, float)) and 0.0 < float(self.damp) < 1.0):
             raise ValueError(f"WushConfig.damp must be in (0, 1), got {self.damp!r}; the usual value is 0.01")
-        if not (isinstance(self.act_headroom, (int, float)) and float(self.act_headroom) >= 1.0):
-            raise ValueError(f"WushConfig.act_headroom must be >= 1, got {self.act_headroom!r}")
-        if isinstance(self.skip_layers, str):
-            object.__setattr__(self, "skip_layers", (self.skip_layers,))
-        object.__setattr__(self, "skip_layers", tuple(str(s) for s in self.skip_layers))
+        if not (
+            isinstance(self.act_headroom, (int, float))
+            and not isinstance(self.act_headroom, bool)
+            and 1.0 <= float(self.act_headroom) < float("inf")
+        ):
+            raise ValueError(f"WushConfig.act_headroom must be a finite number >= 1, got {self.act_headroom!r}")
+        skip = (self.skip_layers,) if isinstance(self.skip_layers, str) else self.skip_layers
+        if not isinstance(skip, (tuple, list)) or not all(isinstance(s, str) and s for s in skip):
+            raise ValueError(
+                f"WushConfig.skip_layers must be a list of non-empty layer names or suffixes (e.g. ['down_proj']), "
+                f"got {self.skip_layers!r}"
+            )
+        object.__setattr__(self, "skip_layers", tuple(skip))
         for flag in ("shared_transform", "offload_activations"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"WushConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
