@@ -7,10 +7,18 @@ transformers quantizer (quant_method "wush"); it sets no global torch flags.
 
 from __future__ import annotations
 
+import torch
+
 from . import formats, transforms  # noqa: F401
 from .config import ActScale, Format, KernelChoice, Method, TransformKind, WushConfig
 from .modules import WushLinear
 from . import ops  # noqa: F401  (registers torch.ops.wush.*)
+from .ops.dispatch import pin_kernel
+from . import backend as _backend
+from .explain import explain
+
+_backend.register()  # backend="wush" (also resolvable through the torch_dynamo_backends entry point)
+torch._logging._internal.register_log("wush_compile", "wush_compile")  # TORCH_LOGS="+wush_compile"
 
 __version__ = "0.1.0"
 
@@ -22,6 +30,8 @@ __all__ = [
     "TransformKind",
     "WushConfig",
     "WushLinear",
+    "explain",
+    "pin_kernel",
     "formats",
     "transforms",
 ]

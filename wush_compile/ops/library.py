@@ -1,22 +1,94 @@
-"""torch.library schemas of the ``wush`` namespace, their fake (meta) implementations and the CPU (torch
-reference) implementations. Device kernels register further implementations in their own modules.
+"""torch.library ops of the ``wush`` namespace: schemas, fake (meta) implementations, CPU implementations
+(the torch twins of :mod:`wush_compile.ops.reference`) and CUDA implementations (the Triton launchers of
+:mod:`wush_compile.ops.kernels`, imported lazily; the Blackwell launchers of :mod:`wush_compile.cuda`).
 
-``wush::linear`` is what a calibrated module's eager forward calls, so every buffer is a graph input and
-the FX pass can find and rewrite it.
+Ops:
+    wush::linear(x, codes, scales, T, w_gs, a_gs, bias, fmt) -> y
+        The reference calibrated linear. A calibrated module's eager forward calls it, so every buffer is a
+        graph input and the backend's FX pass can find and rewrite it. Always the torch twin.
+    wush::transform_quantize(x, T, a_gs, fmt) -> (codes, scales)
+        Blockwise activation transform + FP4 quantization; (..., K) -> (..., K/2), (..., K/G) uint8.
+    wush::fp4_gemm(a_codes, a_scales, a_gs, w_codes, w_scales, w_gs, bias, fmt, out_dtype) -> y
+        Block-scaled FP4 x FP4 GEMM with fp32 accumulation; (M, K/2) x (N, K/2) -> (M, N).
+    wush::fused_linear(x, codes, scales, T, w_gs, a_gs, bias, fmt, kernel) -> y
+        The rewrite target: transform+quantize fused with the GEMM, run by the kernel named in ``kernel``
+        (a KernelChoice value; "auto" decides per call from M, see :mod:`wush_compile.ops.dispatch`).
+    wush::fused_linear_group(x, codes[], scales[], T, w_gs[], a_gs, biases[], fmt, kernel) -> y[]
+        Layers that read the same x with an identical transform (and activation scale): x is transformed and
+        quantized once, then each member's GEMM runs on the shared codes.
+
+Every fake checks its inputs (dtype, device, K, shapes) so that a bad input fails at trace time with a
+message naming the value and the fix, never inside a kernel. Fakes work with a symbolic M.
+
+These are ``custom_op``s rather than ``triton_op``s: the launchers pick tiles and paths in Python from the
+real shapes, and ``auto`` ops choose the kernel from the real M per call; Inductor keeps them as extern calls.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import logging
+from typing import Optional, Sequence
 
 import torch
 
-from ..config import Format
-from . import reference
+from ..config import Format, KernelChoice
+from . import dispatch, reference
 
-__all__ = ["linear", "check_linear_args"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "linear",
+    "transform_quantize",
+    "fp4_gemm",
+    "fused_linear",
+    "fused_linear_group",
+    "check_linear_args",
+    "check_quantize_args",
+    "check_gemm_args",
+    "check_kernel_arg",
+    "LINEAR_OPS",
+    "FUSED_OPS",
+]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def _check_scalar(name: str, t: torch.Tensor, op: str) -> None:
+    if t.numel() != 1 or t.dtype != torch.float32:
+        raise TypeError(f"{op}: {name} must be an fp32 scalar, got {t.dtype} of shape {tuple(t.shape)}")
+
+
+def _check_same_device(op: str, ref_name: str, ref: torch.Tensor, tensors) -> None:
+    for name, t in tensors:
+        if t is not None and t.device != ref.device:
+            raise ValueError(
+                f"{op}: {ref_name} is on {ref.device} but {name} is on {t.device}; move the model and inputs "
+                "to the same device"
+            )
+
+
+def _check_activation(op: str, x: torch.Tensor) -> None:
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: activations must be float32, bfloat16 or float16, got {x.dtype}; cast the input "
+            "(e.g. x.to(torch.bfloat16))"
+        )
+    if x.dim() < 1:
+        raise ValueError(f"{op}: activations need at least one dimension (..., K)")
+
+
+def _check_transform(op: str, transform: torch.Tensor, k: int, f: Format) -> None:
+    g = f.group_size
+    if not transform.is_floating_point():
+        raise TypeError(f"{op}: transform must be floating point, got {transform.dtype}")
+    if tuple(transform.shape) != (k // g, g, g):
+        raise ValueError(
+            f"{op}: transform must be {(k // g, g, g)} for K={k} and {f.value} (G={g}), got {tuple(transform.shape)}"
+        )
 
 
 def check_linear_args(
@@ -28,45 +100,174 @@ def check_linear_args(
     a_global_scale: torch.Tensor,
     bias: Optional[torch.Tensor],
     fmt: str,
+    op: str = "wush linear",
 ) -> Format:
     """Validate a calibrated linear's inputs with errors that name the value and the fix (runs at trace time)."""
     f = Format.parse(fmt)
     g = f.group_size
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"wush linear: activations must be float32, bfloat16 or float16, got {x.dtype}; cast the input")
-    if x.dim() < 1:
-        raise ValueError("wush linear: activations need at least one dimension (..., K)")
+    _check_activation(op, x)
     for name, t, dt in (("weight_codes", w_codes, torch.uint8), ("weight_scales", w_scales, torch.uint8)):
         if t.dtype != dt or t.dim() != 2:
-            raise TypeError(f"wush linear: {name} must be a 2-D {dt} tensor, got {t.dtype} of shape {tuple(t.shape)}")
+            raise TypeError(f"{op}: {name} must be a 2-D {dt} tensor, got {t.dtype} of shape {tuple(t.shape)}")
     n, k2 = w_codes.shape
     k = k2 * 2
     if x.shape[-1] != k:
         raise ValueError(
-            f"wush linear: input has K={x.shape[-1]} features but the layer was calibrated for K={k}; "
+            f"{op}: input has K={x.shape[-1]} features but the layer was calibrated for K={k}; "
             "feed activations of the layer's in_features"
         )
     if tuple(w_scales.shape) != (n, k // g):
-        raise ValueError(f"wush linear: weight_scales must be {(n, k // g)} for {f.value}, got {tuple(w_scales.shape)}")
-    if tuple(transform.shape) != (k // g, g, g):
-        raise ValueError(f"wush linear: transform must be {(k // g, g, g)}, got {tuple(transform.shape)}")
-    if not transform.is_floating_point():
-        raise TypeError(f"wush linear: transform must be floating point, got {transform.dtype}")
-    for name, t in (("weight_global_scale", w_global_scale), ("act_global_scale", a_global_scale)):
-        if t.numel() != 1 or t.dtype != torch.float32:
-            raise TypeError(f"wush linear: {name} must be an fp32 scalar, got {t.dtype} of shape {tuple(t.shape)}")
+        raise ValueError(f"{op}: weight_scales must be {(n, k // g)} for {f.value}, got {tuple(w_scales.shape)}")
+    _check_transform(op, transform, k, f)
+    _check_scalar("weight_global_scale", w_global_scale, op)
+    _check_scalar("act_global_scale", a_global_scale, op)
     if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"wush linear: bias must be ({n},), got {tuple(bias.shape)}")
-    tensors = [("weight_codes", w_codes), ("weight_scales", w_scales), ("transform", transform)]
-    if bias is not None:
-        tensors.append(("bias", bias))
-    for name, t in tensors:
-        if t.device != x.device:
-            raise ValueError(
-                f"wush linear: input is on {x.device} but {name} is on {t.device}; move the model and inputs "
-                "to the same device"
-            )
+        raise ValueError(f"{op}: bias must be ({n},), got {tuple(bias.shape)}")
+    _check_same_device(
+        op,
+        "input",
+        x,
+        [
+            ("weight_codes", w_codes),
+            ("weight_scales", w_scales),
+            ("transform", transform),
+            ("weight_global_scale", w_global_scale),
+            ("act_global_scale", a_global_scale),
+            ("bias", bias),
+        ],
+    )
     return f
+
+
+def check_quantize_args(x: torch.Tensor, transform: torch.Tensor, act_global_scale: torch.Tensor, fmt: str) -> Format:
+    """Validate wush::transform_quantize inputs (trace time)."""
+    op = "wush transform_quantize"
+    f = Format.parse(fmt)
+    _check_activation(op, x)
+    k = x.shape[-1]
+    if k % f.group_size:
+        raise ValueError(
+            f"{op}: K={k} is not a multiple of the {f.value} group size G={f.group_size}; pad K or leave the "
+            "tensor in high precision"
+        )
+    _check_transform(op, transform, k, f)
+    _check_scalar("act_global_scale", act_global_scale, op)
+    _check_same_device(op, "input", x, [("transform", transform), ("act_global_scale", act_global_scale)])
+    return f
+
+
+def check_gemm_args(
+    a_codes: torch.Tensor,
+    a_scales: torch.Tensor,
+    a_global_scale: torch.Tensor,
+    w_codes: torch.Tensor,
+    w_scales: torch.Tensor,
+    w_global_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    fmt: str,
+    out_dtype: torch.dtype,
+) -> Format:
+    """Validate wush::fp4_gemm inputs (trace time)."""
+    op = "wush fp4_gemm"
+    f = Format.parse(fmt)
+    g = f.group_size
+    for name, t in (("a_codes", a_codes), ("a_scales", a_scales), ("w_codes", w_codes), ("w_scales", w_scales)):
+        if t.dtype != torch.uint8 or t.dim() != 2:
+            raise TypeError(f"{op}: {name} must be a 2-D uint8 tensor, got {t.dtype} of shape {tuple(t.shape)}")
+    m, ka = a_codes.shape
+    n, kw = w_codes.shape
+    if ka != kw:
+        raise ValueError(
+            f"{op}: activation codes hold K={2 * ka} values per row but the weight codes hold K={2 * kw}; "
+            "quantize the activations for this layer's in_features"
+        )
+    k = 2 * kw
+    if tuple(a_scales.shape) != (m, k // g) or tuple(w_scales.shape) != (n, k // g):
+        raise ValueError(
+            f"{op}: {f.value} scales must be {(m, k // g)} (activations) and {(n, k // g)} (weights), got "
+            f"{tuple(a_scales.shape)} and {tuple(w_scales.shape)}"
+        )
+    _check_scalar("a_global_scale", a_global_scale, op)
+    _check_scalar("w_global_scale", w_global_scale, op)
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{op}: bias must be ({n},), got {tuple(bias.shape)}")
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    _check_same_device(
+        op,
+        "a_codes",
+        a_codes,
+        [("a_scales", a_scales), ("a_global_scale", a_global_scale), ("w_codes", w_codes), ("w_scales", w_scales),
+         ("w_global_scale", w_global_scale), ("bias", bias)],
+    )
+    return f
+
+
+def check_kernel_arg(kernel: str, op: str) -> KernelChoice:
+    try:
+        return KernelChoice.parse(kernel)
+    except ValueError as exc:
+        raise ValueError(f"{op}: kernel: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------- impl helpers
+
+
+@functools.lru_cache(maxsize=None)
+def _note_once(message: str) -> None:
+    logger.warning("%s", message)
+
+
+def _kernels():
+    """The Triton launchers module, or None (with one logged note) when it cannot be imported."""
+    ok, why = dispatch.triton_kernels_status()
+    if not ok:
+        _note_once(f"wush ops: Triton kernels unavailable, running the torch reference instead: {why}")
+        return None
+    from . import kernels
+
+    return kernels
+
+
+def _cutlass_linear():
+    try:
+        from .. import cuda as wcuda
+
+        return wcuda.linear
+    except Exception as exc:
+        _note_once(f"wush ops: wush_compile.cuda.linear unavailable ({type(exc).__name__}: {exc}); reference instead")
+        return None
+
+
+def _check_runnable(choice: KernelChoice, x: torch.Tensor, fmt: str) -> KernelChoice:
+    """Triton on CPU tensors runs only in the interpreter; anything that cannot run on CPU is the reference."""
+    if x.device.type == "cpu" and choice is not KernelChoice.REFERENCE:
+        ok, why = dispatch.supports(choice, fmt, x.device)
+        if not ok:
+            _note_once(f"wush ops: kernel {choice.value} cannot run on CPU tensors ({why}); reference instead")
+            return KernelChoice.REFERENCE
+    return choice
+
+
+def _linear_2d(choice: KernelChoice, x2, codes, scales, transform, wgs, ags, bias, fmt) -> torch.Tensor:
+    """(M, K) -> (M, N) with the given concrete kernel."""
+    choice = _check_runnable(choice, x2, fmt)
+    if choice in dispatch.TRITON_CHOICES:
+        kernels = _kernels()
+        if kernels is not None:
+            return kernels.linear(x2.contiguous(), codes, scales, transform, wgs, ags, bias, fmt, choice)
+    elif choice is KernelChoice.CUTLASS:
+        fn = _cutlass_linear()
+        if fn is not None:
+            return fn(x2.contiguous(), codes, scales, transform, wgs, ags, bias, fmt)
+    return reference.linear_ref(x2, codes, scales, transform, wgs, ags, bias, fmt)
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])  # (M, K)
+
+
+# -------------------------------------------------------------------------------------------- wush::linear
 
 
 @torch.library.custom_op("wush::linear", mutates_args=())
@@ -91,3 +292,207 @@ def linear(
 def _linear_fake(x, weight_codes, weight_scales, transform, weight_global_scale, act_global_scale, bias, fmt):
     check_linear_args(x, weight_codes, weight_scales, transform, weight_global_scale, act_global_scale, bias, fmt)
     return x.new_empty((*x.shape[:-1], weight_codes.shape[0]))
+
+
+# -------------------------------------------------------------------------------- wush::transform_quantize
+
+
+@torch.library.custom_op("wush::transform_quantize", mutates_args=(), device_types="cpu")
+def transform_quantize(
+    x: torch.Tensor, transform: torch.Tensor, act_global_scale: torch.Tensor, fmt: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise transform (fp32 accumulation) + quantize (SPEC section 3): (..., K) -> codes (..., K/2),
+    scales (..., K/G). CPU: the torch twin."""
+    check_quantize_args(x, transform, act_global_scale, fmt)
+    codes, scales = reference.transform_quantize_ref(_flatten(x), transform, act_global_scale, fmt)
+    return codes.reshape(*x.shape[:-1], -1), scales.reshape(*x.shape[:-1], -1)
+
+
+@transform_quantize.register_kernel("cuda")
+def _transform_quantize_cuda(x, transform, act_global_scale, fmt):
+    check_quantize_args(x, transform, act_global_scale, fmt)
+    x2 = _flatten(x)
+    kernels = _kernels()
+    if kernels is not None:
+        codes, scales = kernels.transform_quantize(x2.contiguous(), transform, act_global_scale, fmt)
+    else:
+        codes, scales = reference.transform_quantize_ref(x2, transform, act_global_scale, fmt)
+    return codes.reshape(*x.shape[:-1], -1), scales.reshape(*x.shape[:-1], -1)
+
+
+@transform_quantize.register_fake
+def _transform_quantize_fake(x, transform, act_global_scale, fmt):
+    f = check_quantize_args(x, transform, act_global_scale, fmt)
+    k = x.shape[-1]
+    codes = x.new_empty((*x.shape[:-1], k // 2), dtype=torch.uint8)
+    scales = x.new_empty((*x.shape[:-1], k // f.group_size), dtype=torch.uint8)
+    return codes, scales
+
+
+# ---------------------------------------------------------------------------------------- wush::fp4_gemm
+
+
+@torch.library.custom_op("wush::fp4_gemm", mutates_args=(), device_types="cpu")
+def fp4_gemm(
+    a_codes: torch.Tensor,
+    a_scales: torch.Tensor,
+    a_global_scale: torch.Tensor,
+    w_codes: torch.Tensor,
+    w_scales: torch.Tensor,
+    w_global_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    fmt: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Block-scaled FP4 x FP4 GEMM, fp32 accumulation, times both global scales, plus bias: (M, N). CPU: twin."""
+    check_gemm_args(a_codes, a_scales, a_global_scale, w_codes, w_scales, w_global_scale, bias, fmt, out_dtype)
+    return reference.fp4_gemm_ref(
+        a_codes, a_scales, a_global_scale, w_codes, w_scales, w_global_scale, bias, fmt, out_dtype
+    )
+
+
+@fp4_gemm.register_kernel("cuda")
+def _fp4_gemm_cuda(a_codes, a_scales, a_global_scale, w_codes, w_scales, w_global_scale, bias, fmt, out_dtype):
+    check_gemm_args(a_codes, a_scales, a_global_scale, w_codes, w_scales, w_global_scale, bias, fmt, out_dtype)
+    kernels = _kernels()
+    fn = kernels.fp4_gemm if kernels is not None else reference.fp4_gemm_ref
+    return fn(
+        a_codes.contiguous(), a_scales.contiguous(), a_global_scale, w_codes, w_scales, w_global_scale, bias, fmt,
+        out_dtype,
+    )
+
+
+@fp4_gemm.register_fake
+def _fp4_gemm_fake(a_codes, a_scales, a_global_scale, w_codes, w_scales, w_global_scale, bias, fmt, out_dtype):
+    check_gemm_args(a_codes, a_scales, a_global_scale, w_codes, w_scales, w_global_scale, bias, fmt, out_dtype)
+    return a_codes.new_empty((a_codes.shape[0], w_codes.shape[0]), dtype=out_dtype)
+
+
+# ------------------------------------------------------------------------------------ wush::fused_linear
+
+
+def _fused_linear_impl(x, weight_codes, weight_scales, transform, wgs, ags, bias, fmt, kernel):
+    check_linear_args(x, weight_codes, weight_scales, transform, wgs, ags, bias, fmt, op="wush fused_linear")
+    x2 = _flatten(x)  # (M, K)
+    n = weight_codes.shape[0]
+    choice = dispatch.runtime_choice(kernel, x2.shape[0], n, x2.shape[1], fmt, x.device)
+    y = _linear_2d(choice, x2, weight_codes, weight_scales, transform, wgs, ags, bias, fmt)  # (M, N)
+    return y.reshape(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("wush::fused_linear", mutates_args=(), device_types="cpu")
+def fused_linear(
+    x: torch.Tensor,
+    weight_codes: torch.Tensor,
+    weight_scales: torch.Tensor,
+    transform: torch.Tensor,
+    weight_global_scale: torch.Tensor,
+    act_global_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    fmt: str,
+    kernel: str,
+) -> torch.Tensor:
+    """The calibrated linear with transform+quantize fused into the GEMM, run by ``kernel`` (a KernelChoice
+    value; "auto" = per call from M). CPU: the torch twin (a Triton choice runs under TRITON_INTERPRET=1)."""
+    return _fused_linear_impl(x, weight_codes, weight_scales, transform, weight_global_scale, act_global_scale,
+                              bias, fmt, kernel)
+
+
+fused_linear.register_kernel("cuda")(_fused_linear_impl)
+
+
+@fused_linear.register_fake
+def _fused_linear_fake(x, weight_codes, weight_scales, transform, weight_global_scale, act_global_scale, bias, fmt,
+                       kernel):
+    check_linear_args(x, weight_codes, weight_scales, transform, weight_global_scale, act_global_scale, bias, fmt,
+                      op="wush fused_linear")
+    check_kernel_arg(kernel, "wush fused_linear")
+    return x.new_empty((*x.shape[:-1], weight_codes.shape[0]))
+
+
+# ------------------------------------------------------------------------------ wush::fused_linear_group
+
+
+def _check_group(x, codes, scales, transform, wgs, ags, biases, fmt, kernel) -> Format:
+    op = "wush fused_linear_group"
+    n = len(codes)
+    if n == 0 or not (len(scales) == len(wgs) == len(biases) == n):
+        raise ValueError(
+            f"{op}: needs one weight_codes, weight_scales, weight_global_scale and bias (or None) per member; got "
+            f"{len(codes)}, {len(scales)}, {len(wgs)}, {len(biases)}"
+        )
+    f = Format.parse(fmt)
+    for i in range(n):
+        check_linear_args(x, codes[i], scales[i], transform, wgs[i], ags, biases[i], fmt, op=f"{op} member {i}")
+    check_kernel_arg(kernel, op)
+    return f
+
+
+def _fused_linear_group_impl(x, weight_codes, weight_scales, transform, wgs, ags, biases, fmt, kernel):
+    _check_group(x, weight_codes, weight_scales, transform, wgs, ags, biases, fmt, kernel)
+    x2 = _flatten(x)  # (M, K)
+    lead = x.shape[:-1]
+    n_total = sum(c.shape[0] for c in weight_codes)
+    choice = dispatch.runtime_choice(kernel, x2.shape[0], n_total, x2.shape[1], fmt, x.device)
+    choice = _check_runnable(choice, x2, fmt)
+    outs = None
+    kernels = _kernels() if choice in dispatch.TRITON_CHOICES else None
+    if kernels is not None:
+        group_fn = getattr(kernels, "linear_group", None)
+        if group_fn is not None:
+            outs = group_fn(x2.contiguous(), list(weight_codes), list(weight_scales), transform, list(wgs), ags,
+                            list(biases), fmt, choice)
+        else:
+            # No grouped launcher: each member's fused kernel quantizes x in its own prologue.
+            outs = [
+                kernels.linear(x2.contiguous(), c, s, transform, g, ags, b, fmt, choice)
+                for c, s, g, b in zip(weight_codes, weight_scales, wgs, biases)
+            ]
+    elif choice is KernelChoice.CUTLASS:
+        outs = [
+            _linear_2d(choice, x2, c, s, transform, g, ags, b, fmt)
+            for c, s, g, b in zip(weight_codes, weight_scales, wgs, biases)
+        ]
+    if outs is None:
+        # Reference: transform + quantize x once, then one FP4 GEMM per member on the shared codes.
+        a_codes, a_scales = reference.transform_quantize_ref(x2, transform, ags, fmt)  # (M, K/2), (M, K/G)
+        outs = [
+            reference.fp4_gemm_ref(a_codes, a_scales, ags, c, s, g, b, fmt, x.dtype)
+            for c, s, g, b in zip(weight_codes, weight_scales, wgs, biases)
+        ]
+    return [y.reshape(*lead, c.shape[0]) for y, c in zip(outs, weight_codes)]
+
+
+@torch.library.custom_op("wush::fused_linear_group", mutates_args=(), device_types="cpu")
+def fused_linear_group(
+    x: torch.Tensor,
+    weight_codes: Sequence[torch.Tensor],
+    weight_scales: Sequence[torch.Tensor],
+    transform: torch.Tensor,
+    weight_global_scales: Sequence[torch.Tensor],
+    act_global_scale: torch.Tensor,
+    biases: Sequence[Optional[torch.Tensor]],
+    fmt: str,
+    kernel: str,
+) -> list[torch.Tensor]:
+    """Several calibrated linears on the same x with one shared transform and activation scale: x is transformed
+    and quantized once, then each member's FP4 GEMM runs (member i -> output i)."""
+    return _fused_linear_group_impl(x, weight_codes, weight_scales, transform, weight_global_scales,
+                                    act_global_scale, biases, fmt, kernel)
+
+
+fused_linear_group.register_kernel("cuda")(_fused_linear_group_impl)
+
+
+@fused_linear_group.register_fake
+def _fused_linear_group_fake(x, weight_codes, weight_scales, transform, weight_global_scales, act_global_scale,
+                             biases, fmt, kernel):
+    _check_group(x, weight_codes, weight_scales, transform, weight_global_scales, act_global_scale, biases, fmt,
+                 kernel)
+    return [x.new_empty((*x.shape[:-1], c.shape[0])) for c in weight_codes]
+
+
+#: The reference op the modules call (targets the FX pass looks for).
+LINEAR_OPS = (torch.ops.wush.linear, torch.ops.wush.linear.default)
+#: The ops the rewrite produces.
+FUSED_OPS = (torch.ops.wush.fused_linear.default, torch.ops.wush.fused_linear_group.default)
