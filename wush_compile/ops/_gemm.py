@@ -1,0 +1,259 @@
+"""``@triton.jit`` bodies of the FP4 GEMMs and the weight re-encoders.
+
+* :func:`_fp4_linear_kernel` - the fused calibrated linear for small M (decode): swap-AB tiles
+  (weight rows on the MMA's M side, tokens on its N side), the activation transform + quantize of the
+  tile's tokens in the prologue, FP4 weights unpacked in registers (nibble -> e4m3 bit pattern -> fp16,
+  a handful of integer ops per value), one fp16 MMA per scale group (K = G) with the block scales
+  applied to the fp32 group result ("promotion"), split-K with a last-program-reduces fix-up (no
+  atomics on the output, no memset, CUDA-graph safe).
+* :func:`_fp4_linear_exact_kernel` - the same tile over a device-side list of token rows (or weight
+  rows): the exact fallback of the fp8 route for rows whose exponent spread does not fold into e4m3.
+* :func:`_expand_weight_fp8_kernel` - MXFP4 weights -> row-folded e4m3 codes + fp32 column scales.
+* :func:`_dequant_kernel` - packed FP4 codes + scales -> exact values code * block scale (bf16).
+
+Every product of two decoded codes is exact in fp32 and a group's sum of G of them is exact too, so
+the only rounding is the fp32 accumulation over groups - the reference's own rounding.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._quant import (
+    FMT_MX,
+    FMT_NV,
+    e4m3_value,
+    load_transformed,
+    mx_quantize,
+    nv_quantize,
+    pow2,
+)
+
+
+@triton.jit
+def e2m1_to_f16(n):
+    """e2m1 nibbles (uint8, high bits zero) -> fp16 value * 2**-6, exactly.
+
+    The 3 magnitude bits land on e4m3's low exponent bits and top mantissa bit, the sign on e4m3's
+    sign: that e4m3 value is code * 2**-6 (index 1 becomes e4m3's subnormal 2**-7), and the hardware
+    e4m3 -> fp16 conversion does the rest.
+    """
+    f8 = ((n & 7) << 2) | ((n & 8) << 4)
+    return f8.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+
+
+@triton.jit
+def bf16_rne(y):
+    """fp32 -> bf16, round to nearest even, in integer ops (the CPU interpreter's own cast truncates)."""
+    b = y.to(tl.int32, bitcast=True)
+    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    r = tl.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)  # NaN stays NaN
+    return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def scale_value(byte, FMT: tl.constexpr):
+    """Scale bytes (int32) -> fp32 block scale: e8m0 2**(byte-127) (MXFP4) or e4m3 (NVFP4); NaN bytes -> NaN."""
+    if FMT == FMT_MX:
+        v = pow2(byte - 127)
+        v = tl.where(byte == 255, float("nan"), v)
+    else:
+        v = e4m3_value(byte & 127)
+        v = tl.where((byte & 127) == 127, float("nan"), v)
+    return v
+
+
+@triton.jit
+def _linear_tile(x_ptr, stride_xm, t_ptr, ga, w_ptr, ws_ptr, tok, tok_mask, wn, w_mask, blk_lo, blk_hi, NB,
+                 FMT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr, G: tl.constexpr,
+                 DOT_IEEE: tl.constexpr):
+    """sum over blocks [blk_lo, blk_hi) of dequant(W[wn]) . quant(x[tok] T^T): (BN, BM) fp32, global scales left out."""
+    acc = tl.zeros((NG, BN, BM), tl.float32)
+    jj = tl.arange(0, G // 2)
+    wn64 = wn.to(tl.int64)
+    for blk0 in range(blk_lo, blk_hi, NG):
+        blk = blk0 + tl.arange(0, NG)
+        bmask = blk < blk_hi
+        # activations: transform + quantize in registers -> codes (exact in fp16) and block scales
+        xt = load_transformed(x_ptr, stride_xm, tok, tok_mask, t_ptr, blk0, blk_hi, NG, G, DOT_IEEE)  # (NG, BM, G)
+        if FMT == FMT_MX:
+            idx, neg, mag, e, bad = mx_quantize(xt)
+            sa = tl.where(bad, float("nan"), pow2(e))  # (NG, BM)
+        else:
+            idx, neg, mag, s_byte, s_val, bad = nv_quantize(xt, ga)
+            sa = tl.where(bad, float("nan"), s_val)
+        av = tl.where(neg == 1, -mag, mag).to(tl.float16)  # (NG, BM, G)
+        # weights: packed nibbles -> fp16 code * 2**-6
+        wp = w_ptr + wn64[None, :, None] * (NB * (G // 2)) + (blk[:, None, None] * (G // 2) + jj[None, None, :])
+        wb = tl.load(wp, mask=bmask[:, None, None] & w_mask[None, :, None], other=0)  # (NG, BN, G/2) uint8
+        sb = tl.load(ws_ptr + wn64[None, :] * NB + blk[:, None], mask=bmask[:, None] & w_mask[None, :], other=0)
+        sw = scale_value(sb.to(tl.int32), FMT) * 64.0  # (NG, BN)
+        wv = tl.reshape(tl.join(e2m1_to_f16(wb & 15), e2m1_to_f16(wb >> 4)), (NG, BN, G))
+        d = tl.dot(wv, tl.permute(av, (0, 2, 1)))  # (NG, BN, BM), exact per group
+        acc += d * (sw[:, :, None] * sa[:, None, :])
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _store_out(out_ptr, y, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS: tl.constexpr):
+    """out[tok, wn] = y^T * gscale (+ bias), cast to out's dtype. y is (BN, BM)."""
+    y = y * gscale
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + wn, mask=w_mask, other=0.0).to(tl.float32)[:, None]
+    op = out_ptr + tok.to(tl.int64)[None, :] * N + wn[:, None]
+    if out_ptr.dtype.element_ty == tl.float32:
+        yo = y
+    elif out_ptr.dtype.element_ty == tl.bfloat16:
+        yo = bf16_rne(y)
+    else:
+        yo = y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(op, yo, mask=w_mask[:, None] & tok_mask[None, :])
+
+
+@triton.jit
+def _fp4_linear_kernel(
+    x_ptr, stride_xm, t_ptr, ga_ptr, w_ptr, ws_ptr, gw_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
+    M, N, NB, BLK_PER_SPLIT,
+    FMT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BN: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr, G: tl.constexpr, DOT_IEEE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    wn = pid_n * BN + tl.arange(0, BN)
+    w_mask = wn < N
+    tok = pid_m * BM + tl.arange(0, BM)
+    tok_mask = tok < M
+    ga = tl.load(ga_ptr)
+    gscale = ga * tl.load(gw_ptr)
+    blk_lo = pid_k * BLK_PER_SPLIT
+    blk_hi = tl.minimum(blk_lo + BLK_PER_SPLIT, NB)
+    acc = _linear_tile(x_ptr, stride_xm, t_ptr, ga, w_ptr, ws_ptr, tok, tok_mask, wn, w_mask, blk_lo, blk_hi, NB,
+                       FMT, BN, BM, NG, G, DOT_IEEE)
+    if SPLIT_K == 1:
+        _store_out(out_ptr, acc, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS)
+    else:
+        # Split-K fix-up: every program parks its partial tile; the last one to arrive sums them all in
+        # split order (deterministic), writes the output and re-arms the tile's counter for the next call.
+        n_tiles = tl.num_programs(0) * tl.num_programs(1)
+        tile = pid_m * tl.num_programs(0) + pid_n
+        offs = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
+        tl.store(part_ptr + (pid_k * n_tiles + tile).to(tl.int64) * (BN * BM) + offs, acc)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + tile, 1)
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BN, BM), tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(part_ptr + (s * n_tiles + tile).to(tl.int64) * (BN * BM) + offs, cache_modifier=".cg")
+            _store_out(out_ptr, total, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS)
+            tl.atomic_xchg(lock_ptr + tile, 0)
+
+
+@triton.jit
+def _fp4_linear_exact_kernel(
+    x_ptr, stride_xm, t_ptr, ga_ptr, w_ptr, ws_ptr, gw_ptr, bias_ptr, out_ptr, list_ptr, count_ptr,
+    M, N, NB,
+    IND_W: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BN: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr, G: tl.constexpr, DOT_IEEE: tl.constexpr,
+):
+    """Exact outputs for listed rows: token rows (IND_W=False, grid over weight tiles) or weight rows
+    (IND_W=True, grid over token tiles). Nothing to do when the list is empty."""
+    pid = tl.program_id(0)
+    count = tl.load(count_ptr)
+    ga = tl.load(ga_ptr)
+    gscale = ga * tl.load(gw_ptr)
+    if IND_W:
+        tok = pid * BM + tl.arange(0, BM)
+        tok_mask = tok < M
+        for c0 in range(0, count, BN):
+            i = c0 + tl.arange(0, BN)
+            w_mask = i < count
+            wn = tl.load(list_ptr + i, mask=w_mask, other=0)
+            acc = _linear_tile(x_ptr, stride_xm, t_ptr, ga, w_ptr, ws_ptr, tok, tok_mask, wn, w_mask, 0, NB, NB,
+                               FMT, BN, BM, NG, G, DOT_IEEE)
+            _store_out(out_ptr, acc, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS)
+    else:
+        wn = pid * BN + tl.arange(0, BN)
+        w_mask = wn < N
+        for c0 in range(0, count, BM):
+            i = c0 + tl.arange(0, BM)
+            tok_mask = i < count
+            tok = tl.load(list_ptr + i, mask=tok_mask, other=0)
+            acc = _linear_tile(x_ptr, stride_xm, t_ptr, ga, w_ptr, ws_ptr, tok, tok_mask, wn, w_mask, 0, NB, NB,
+                               FMT, BN, BM, NG, G, DOT_IEEE)
+            _store_out(out_ptr, acc, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS)
+
+
+@triton.jit
+def _expand_weight_fp8_kernel(
+    w_ptr, ws_ptr, ga_ptr, gw_ptr, q_ptr, col_scale_ptr, count_ptr, list_ptr, stats_ptr, N, NB,
+    BN: tl.constexpr, NG: tl.constexpr, G: tl.constexpr,
+):
+    """MXFP4 weight rows -> row-folded e4m3 (N, K) + fp32 scales 2**R * (g_a * g_w) (N,).
+
+    R = (largest group exponent) - 6; a row with a nonzero code in a group more than 14 binades below
+    its largest (or a NaN scale) is listed for the exact fallback.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BN + tl.arange(0, BN)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    bmax = tl.zeros((BN,), tl.int32)
+    nbad = tl.zeros((BN,), tl.int32)
+    for blk0 in range(0, NB, NG):
+        blk = blk0 + tl.arange(0, NG)
+        m2 = rmask[:, None] & (blk < NB)[None, :]
+        sb = tl.load(ws_ptr + rows64[:, None] * NB + blk[None, :], mask=m2, other=0).to(tl.int32)  # (BN, NG)
+        bad = sb == 255
+        bmax = tl.maximum(bmax, tl.max(tl.where(bad, 0, sb), axis=1))
+        nbad += tl.sum(bad.to(tl.int32), axis=1)
+    r = bmax - 127 - 6
+    viol = tl.zeros((BN,), tl.int32)
+    jj = tl.arange(0, G // 2)
+    for blk0 in range(0, NB, NG):
+        blk = blk0 + tl.arange(0, NG)
+        m2 = rmask[:, None] & (blk < NB)[None, :]
+        sb = tl.load(ws_ptr + rows64[:, None] * NB + blk[None, :], mask=m2, other=0).to(tl.int32)
+        d = tl.maximum(sb - 127 - r[:, None], -100)  # (BN, NG)
+        m3 = m2[:, :, None]
+        wb = tl.load(w_ptr + rows64[:, None, None] * (NB * (G // 2)) + blk[None, :, None] * (G // 2) + jj[None, None, :],
+                     mask=m3, other=0)  # (BN, NG, G/2) uint8
+        nz = ((wb & 0x77) != 0).to(tl.int32)
+        viol += tl.sum(tl.sum(nz * (d < -8).to(tl.int32)[:, :, None], axis=2), axis=1)
+        f = pow2(d + 6)[:, :, None]
+        lo = (e2m1_to_f16(wb & 15).to(tl.float32) * f).to(tl.float8e4nv)
+        hi = (e2m1_to_f16(wb >> 4).to(tl.float32) * f).to(tl.float8e4nv)
+        q = tl.reshape(tl.join(lo, hi), (BN, NG, G))
+        j = tl.arange(0, G)
+        tl.store(q_ptr + rows64[:, None, None] * (NB * G) + blk[None, :, None] * G + j[None, None, :], q, mask=m3)
+    gscale = tl.load(ga_ptr) * tl.load(gw_ptr)
+    tl.store(col_scale_ptr + rows64, pow2(r) * gscale, mask=rmask)
+    flag = ((viol > 0) | (nbad > 0)) & rmask
+    nflag = tl.sum(flag.to(tl.int32), axis=0)
+    base = tl.atomic_add(count_ptr, nflag)
+    slot = base + tl.cumsum(flag.to(tl.int32), axis=0) - 1
+    tl.store(list_ptr + slot, rows, mask=flag)
+    tl.atomic_add(stats_ptr, nflag)
+    tl.atomic_add(stats_ptr + 1, tl.sum(rmask.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _dequant_kernel(c_ptr, s_ptr, out_ptr, R, NB, FMT: tl.constexpr, BR: tl.constexpr, NG: tl.constexpr,
+                    G: tl.constexpr):
+    """Packed codes (R, K/2) + scale bytes (R, K/G) -> exact values code * block scale (R, K) in out's dtype."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    blk = tl.program_id(1) * NG + tl.arange(0, NG)
+    m2 = (rows < R)[:, None] & (blk < NB)[None, :]
+    rows64 = rows.to(tl.int64)
+    jj = tl.arange(0, G // 2)
+    cb = tl.load(c_ptr + rows64[:, None, None] * (NB * (G // 2)) + blk[None, :, None] * (G // 2) + jj[None, None, :],
+                 mask=m2[:, :, None], other=0)  # (BR, NG, G/2)
+    sb = tl.load(s_ptr + rows64[:, None] * NB + blk[None, :], mask=m2, other=0).to(tl.int32)
+    sv = (scale_value(sb, FMT) * 64.0)[:, :, None]
+    lo = e2m1_to_f16(cb & 15).to(tl.float32) * sv
+    hi = e2m1_to_f16(cb >> 4).to(tl.float32) * sv
+    v = tl.reshape(tl.join(lo, hi), (BR, NG, G))
+    j = tl.arange(0, G)
+    tl.store(out_ptr + rows64[:, None, None] * (NB * G) + blk[None, :, None] * G + j[None, None, :],
+             v.to(out_ptr.dtype.element_ty), mask=m2[:, :, None])

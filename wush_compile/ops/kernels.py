@@ -1,0 +1,502 @@
+"""Public launchers of the Triton kernels; same signatures and semantics as the torch twins in
+:mod:`wush_compile.ops.reference` (``transform_quantize`` / ``fp4_gemm`` / ``linear``), plus the helper ops
+of the Hopper routes.
+
+Routes of :func:`linear` (``kernel`` is a concrete :class:`~wush_compile.config.KernelChoice`):
+
+* ``TRITON_DECODE`` (small M): one fused kernel - transform + quantize of the tokens in the prologue, FP4
+  weights unpacked in registers, split-K; no host sync, no data-dependent allocation (CUDA-graph safe).
+* ``TRITON_FP8`` (MXFP4 prefill): activations quantized straight into row-folded e4m3 + row scales, the
+  FP4 weights expanded into a scratch e4m3 buffer, ``torch._scaled_mm`` with row-wise scales
+  (``use_fast_accum=False``), then an exact fallback kernel for the rows (token or weight) whose exponent
+  spread does not fold into e4m3 - listed on the device, counted in :func:`fallback_stats`.
+* ``TRITON_BF16`` (NVFP4 prefill, any format): both operands dequantized exactly to bf16 (every
+  code * block scale fits bf16), cuBLAS bf16 GEMM with the global scales as its fp32 alpha.
+
+Importing this module does not import Triton; the kernels load on first use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+
+import torch
+
+from .. import formats
+from ..config import Format, KernelChoice
+from .library import check_linear_args
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "QuantTiles",
+    "LinearTiles",
+    "quant_tiles",
+    "linear_tiles",
+    "transform_quantize",
+    "transform_dequantize",
+    "transform_quantize_fp8",
+    "expand_weight_fp8",
+    "dequantize_codes",
+    "fp4_gemm",
+    "linear",
+    "fallback_stats",
+    "triton_available",
+]
+
+#: SMs of the H100 the heuristics were measured on; the real count is read from the device.
+_DEFAULT_SMS = 132
+#: Programs per SM the split-K heuristic aims for (enough loads in flight to cover DRAM latency).
+_PROGRAMS_PER_SM = 4
+#: Largest number of split-K tiles (counters) one device keeps.
+_MAX_LOCKS = 1 << 16
+
+
+def triton_available() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        return False, f"triton is not importable ({e})"
+    return True, "ok"
+
+
+@functools.lru_cache(maxsize=None)
+def _mods():
+    from . import _gemm, _quant
+
+    return _quant, _gemm
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile heuristics (pure functions of the problem shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantTiles:
+    """Tiles of the stand-alone transform + quantize kernels: rows per program, transform blocks per step."""
+
+    block_m: int
+    groups: int
+    num_warps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearTiles:
+    """Tiles of the fused FP4 linear: weight rows (MMA M side), tokens (MMA N side), blocks per K step,
+    split-K factor, and blocks per split (a multiple of ``groups``)."""
+
+    block_n: int
+    block_m: int
+    groups: int
+    split_k: int
+    blocks_per_split: int
+    num_warps: int
+    num_stages: int
+
+
+def quant_tiles(m: int, k: int, fmt: Format | str, fp8: bool = False) -> QuantTiles:
+    """128 columns per step (4 MXFP4 / 8 NVFP4 blocks); 64 rows per program, 32 for the two-pass fp8 route
+    (its second pass re-reads the rows from L2)."""
+    g = Format.parse(fmt).group_size
+    groups = max(1, 128 // g)
+    block_m = 32 if fp8 else 64
+    if m <= 16:
+        block_m = 16
+    return QuantTiles(block_m=block_m, groups=groups, num_warps=4)
+
+
+def linear_tiles(m: int, n: int, k: int, fmt: Format | str, sms: int = _DEFAULT_SMS) -> LinearTiles:
+    """Split-K so that about ``_PROGRAMS_PER_SM`` programs per SM stream weights; 128 columns per K step."""
+    g = Format.parse(fmt).group_size
+    nb = k // g
+    groups = max(1, 128 // g)
+    block_m = 16
+    block_n = 64
+    tiles = math.ceil(n / block_n) * math.ceil(m / block_m)
+    steps = math.ceil(nb / groups)
+    split = max(1, min(steps, round(sms * _PROGRAMS_PER_SM / tiles)))
+    per_split = math.ceil(steps / split) * groups
+    split = math.ceil(nb / per_split)
+    return LinearTiles(block_n, block_m, groups, split, per_split, num_warps=4, num_stages=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _fmt_id(f: Format) -> int:
+    return 0 if f is Format.MXFP4 else 1
+
+
+def _check_x(x: torch.Tensor, transform: torch.Tensor, f: Format) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"expected 2-D activations (M, K), got shape {tuple(x.shape)}; reshape to (-1, K)")
+    g = f.group_size
+    formats.check_group_divisible(x.shape[1], f, what="activations")
+    if tuple(transform.shape) != (x.shape[1] // g, g, g):
+        raise ValueError(f"transform must be {(x.shape[1] // g, g, g)} for K={x.shape[1]} ({f.value}), got {tuple(transform.shape)}")
+    if x.device != transform.device:
+        raise ValueError(f"activations on {x.device} but transform on {transform.device}; move them to one device")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _dot_ieee(x: torch.Tensor, t: torch.Tensor) -> bool:
+    """Use the fp32 (ieee) transform dot unless both operands are the same 16-bit float type on a GPU.
+
+    (Triton's CPU interpreter multiplies bf16 operands of ``tl.dot`` as raw integers, so it gets fp32.)"""
+    return _interpreting() or not (x.dtype == t.dtype and x.dtype in (torch.bfloat16, torch.float16))
+
+
+def _as_scalar_tensor(v, device) -> torch.Tensor:
+    return torch.as_tensor(v, dtype=torch.float32, device=device).reshape(1)
+
+
+def _mx_global(device) -> torch.Tensor:
+    return torch.full((1,), formats.MXFP4_GLOBAL_SCALE, dtype=torch.float32, device=device)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_SMS
+
+
+_LOCKS: dict = {}
+_STATS: dict = {}
+
+
+def _locks(device: torch.device, n: int) -> torch.Tensor:
+    """Self-resetting split-K counters (zero between calls), one set per device and stream."""
+    if n > _MAX_LOCKS:
+        raise ValueError(f"split-K needs {n} tile counters, more than {_MAX_LOCKS}; use fewer splits")
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    t = _LOCKS.get(key)
+    if t is None:
+        t = torch.zeros(_MAX_LOCKS, dtype=torch.int32, device=device)
+        _LOCKS[key] = t
+    return t
+
+
+def _stats(device: torch.device) -> torch.Tensor:
+    key = str(device)
+    t = _STATS.get(key)
+    if t is None:
+        t = torch.zeros(4, dtype=torch.int32, device=device)
+        _STATS[key] = t
+    return t
+
+
+def fallback_stats(device=None, reset: bool = False) -> dict:
+    """Rows the fp8 route sent to the exact fallback since the last reset (reads the device counters)."""
+    device = torch.device(device) if device is not None else None
+    out = {}
+    for key, t in list(_STATS.items()):
+        if device is not None and key != str(device):
+            continue
+        v = t.tolist()
+        out[key] = {"act_rows_fallback": v[0], "act_rows": v[1], "weight_rows_fallback": v[2], "weight_rows": v[3]}
+        if reset:
+            t.zero_()
+    return out
+
+
+_HOST_SCALARS: dict = {}
+
+
+def _host_scalar(t: torch.Tensor) -> float:
+    """A scalar buffer's value on the host, cached on (storage, version): one sync per buffer value."""
+    key = (t.device, t.data_ptr(), t._version)
+    v = _HOST_SCALARS.get(key)
+    if v is None:
+        v = float(t.reshape(()))
+        if len(_HOST_SCALARS) > 4096:
+            _HOST_SCALARS.clear()
+        _HOST_SCALARS[key] = v
+    return v
+
+
+# ----------------------------------------------------------------------------------------------
+# activation transform + quantize
+
+
+def transform_quantize(
+    x: torch.Tensor, transform: torch.Tensor, act_global_scale: torch.Tensor, fmt: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise transform (fp32 accumulation) + quantize: x (M, K) -> codes (M, K/2) uint8, scales (M, K/G) uint8."""
+    f = Format.parse(fmt)
+    _check_x(x, transform, f)
+    _quant, _ = _mods()
+    m, k = x.shape
+    g = f.group_size
+    nb = k // g
+    x = x.contiguous()
+    t = transform.contiguous()
+    codes = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
+    scales = torch.empty((m, nb), dtype=torch.uint8, device=x.device)
+    gs = _mx_global(x.device) if f is Format.MXFP4 else _as_scalar_tensor(act_global_scale, x.device)
+    cfg = quant_tiles(m, k, f)
+    grid = (triton_cdiv(m, cfg.block_m), triton_cdiv(nb, cfg.groups))
+    _quant._transform_quantize_kernel[grid](
+        x, x.stride(0), t, gs, codes, scales, codes, m, nb,
+        FMT=_fmt_id(f), MODE=0, BM=cfg.block_m, NG=cfg.groups, G=g, DOT_IEEE=_dot_ieee(x, t),
+        num_warps=cfg.num_warps,
+    )
+    return codes, scales
+
+
+def transform_dequantize(
+    x: torch.Tensor, transform: torch.Tensor, act_global_scale: torch.Tensor, fmt: str,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Transform + quantize, written as exact values code * block scale (global scale left out): (M, K).
+
+    Every such value is exact in bf16 (2 significant bits of e2m1 times a power of two or an e4m3 scale)."""
+    f = Format.parse(fmt)
+    _check_x(x, transform, f)
+    _quant, _ = _mods()
+    m, k = x.shape
+    g = f.group_size
+    nb = k // g
+    x = x.contiguous()
+    t = transform.contiguous()
+    out = torch.empty((m, k), dtype=dtype, device=x.device)
+    gs = _mx_global(x.device) if f is Format.MXFP4 else _as_scalar_tensor(act_global_scale, x.device)
+    cfg = quant_tiles(m, k, f)
+    grid = (triton_cdiv(m, cfg.block_m), triton_cdiv(nb, cfg.groups))
+    _quant._transform_quantize_kernel[grid](
+        x, x.stride(0), t, gs, out, out, out, m, nb,
+        FMT=_fmt_id(f), MODE=1, BM=cfg.block_m, NG=cfg.groups, G=g, DOT_IEEE=_dot_ieee(x, t),
+        num_warps=cfg.num_warps,
+    )
+    return out
+
+
+def transform_quantize_fp8(
+    x: torch.Tensor, transform: torch.Tensor, counter: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MXFP4 transform + quantize written as row-folded e4m3: (codes (M, K) float8_e4m3fn, row scales (M,) fp32,
+    flagged rows (M,) int32 (the first ``count`` are valid), count (1,) int32).
+
+    Row m's value at k is ``codes[m, k] * row_scale[m]``, equal to the MXFP4 value without its 1/3 global
+    scale, for every row not flagged. A flagged row (exponent spread over 14 binades, or NaN/Inf) holds
+    placeholder codes and must be computed by the exact fallback.
+    """
+    f = Format.MXFP4
+    _check_x(x, transform, f)
+    _quant, _ = _mods()
+    m, k = x.shape
+    g = f.group_size
+    nb = k // g
+    x = x.contiguous()
+    t = transform.contiguous()
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    row_scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    rows = torch.empty((max(m, 1),), dtype=torch.int32, device=x.device)
+    if counter is None:
+        counter = torch.zeros(1, dtype=torch.int32, device=x.device)
+    cfg = quant_tiles(m, k, f, fp8=True)
+    _quant._transform_quantize_fp8_kernel[(triton_cdiv(m, cfg.block_m),)](
+        x, x.stride(0), t, q, row_scale, counter, rows, _stats(x.device), m, nb,
+        BM=cfg.block_m, NG=cfg.groups, G=g, DOT_IEEE=_dot_ieee(x, t), num_warps=cfg.num_warps,
+    )
+    return q, row_scale, rows, counter
+
+
+def expand_weight_fp8(
+    w_codes: torch.Tensor, w_scales: torch.Tensor, a_global_scale: torch.Tensor, w_global_scale: torch.Tensor,
+    counter: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MXFP4 weights -> (row-folded e4m3 (N, K), column scales 2**R_n * g_a * g_w (N,) fp32, flagged rows, count)."""
+    _, _gemm = _mods()
+    n, k2 = w_codes.shape
+    k = 2 * k2
+    g = Format.MXFP4.group_size
+    nb = k // g
+    q = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=w_codes.device)
+    col_scale = torch.empty((n,), dtype=torch.float32, device=w_codes.device)
+    rows = torch.empty((max(n, 1),), dtype=torch.int32, device=w_codes.device)
+    if counter is None:
+        counter = torch.zeros(1, dtype=torch.int32, device=w_codes.device)
+    bn = 32
+    _gemm._expand_weight_fp8_kernel[(triton_cdiv(n, bn),)](
+        w_codes, w_scales, _as_scalar_tensor(a_global_scale, w_codes.device),
+        _as_scalar_tensor(w_global_scale, w_codes.device), q, col_scale, counter, rows,
+        _stats(w_codes.device)[2:], n, nb, BN=bn, NG=4, G=g, num_warps=4,
+    )
+    return q, col_scale, rows, counter
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, fmt: str, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Packed codes (R, K/2) + scales (R, K/G) -> exact values code * block scale (R, K) (no global scale)."""
+    f = Format.parse(fmt)
+    _, _gemm = _mods()
+    r, k2 = codes.shape
+    g = f.group_size
+    nb = 2 * k2 // g
+    if tuple(scales.shape) != (r, nb):
+        raise ValueError(f"scales must be {(r, nb)} for codes {tuple(codes.shape)} ({f.value}), got {tuple(scales.shape)}")
+    out = torch.empty((r, 2 * k2), dtype=dtype, device=codes.device)
+    br, ng = 64, max(1, 128 // g)
+    _gemm._dequant_kernel[(triton_cdiv(r, br), triton_cdiv(nb, ng))](
+        codes.contiguous(), scales.contiguous(), out, r, nb, FMT=_fmt_id(f), BR=br, NG=ng, G=g, num_warps=4
+    )
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMMs
+
+
+def _bf16_gemm(a: torch.Tensor, w: torch.Tensor, gscale: torch.Tensor, bias, out_dtype) -> torch.Tensor:
+    """(a @ w^T) * gscale (+ bias) with the fp32 scale as cuBLAS's alpha (one rounding to out_dtype)."""
+    alpha = _host_scalar(gscale)
+    if out_dtype == a.dtype:
+        if bias is not None:
+            return torch.addmm(bias.to(out_dtype), a, w.t(), alpha=alpha)
+        return torch.mm(a, w.t()).mul_(alpha) if a.device.type == "cpu" else torch.addmm(
+            a.new_zeros(()), a, w.t(), beta=0, alpha=alpha)
+    y = torch.mm(a.float(), w.float().t()) * gscale.reshape(())  # fp32 models: plain fp32 GEMM of exact values
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(out_dtype)
+
+
+def fp4_gemm(
+    a_codes: torch.Tensor,
+    a_scales: torch.Tensor,
+    a_global_scale: torch.Tensor,
+    w_codes: torch.Tensor,
+    w_scales: torch.Tensor,
+    w_global_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    fmt: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Block-scaled FP4 x FP4 GEMM (M, K/2) x (N, K/2) -> (M, N): exact bf16 dequantization of both operands
+    and a bf16 GEMM with fp32 accumulation, then the global scales and the bias (twin of fp4_gemm_ref)."""
+    if a_codes.shape[1] != w_codes.shape[1]:
+        raise ValueError(f"fp4_gemm: activations hold K={2 * a_codes.shape[1]}, weights K={2 * w_codes.shape[1]}")
+    a = dequantize_codes(a_codes, a_scales, fmt)
+    w = dequantize_codes(w_codes, w_scales, fmt)
+    gscale = a_global_scale.to(torch.float32).reshape(()) * w_global_scale.to(torch.float32).reshape(())
+    return _bf16_gemm(a, w, gscale, bias, out_dtype)
+
+
+def _decode_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, out_dtype, tiles=None):
+    _, _gemm = _mods()
+    m, k = x.shape
+    n = w_codes.shape[0]
+    g = f.group_size
+    nb = k // g
+    cfg = tiles or linear_tiles(m, n, k, f, _sm_count(x.device))
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    gn, gm = triton_cdiv(n, cfg.block_n), triton_cdiv(m, cfg.block_m)
+    if cfg.split_k > 1:
+        part = torch.empty((cfg.split_k * gn * gm * cfg.block_n * cfg.block_m,), dtype=torch.float32, device=x.device)
+        locks = _locks(x.device, gn * gm)
+    else:
+        part = locks = out
+    ga = _mx_global(x.device) if f is Format.MXFP4 else _as_scalar_tensor(a_gs, x.device)
+    _gemm._fp4_linear_kernel[(gn, gm, cfg.split_k)](
+        x, x.stride(0), transform, ga, w_codes, w_scales, _as_scalar_tensor(w_gs, x.device),
+        bias if bias is not None else out, out, part, locks, m, n, nb, cfg.blocks_per_split,
+        FMT=_fmt_id(f), HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BN=cfg.block_n, BM=cfg.block_m,
+        NG=cfg.groups, G=g, DOT_IEEE=_dot_ieee(x, transform), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _exact_rows(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, out, rows, count, weights: bool):
+    """Overwrite out's listed token rows (weights=False) or weight columns (weights=True) with exact values."""
+    _, _gemm = _mods()
+    m, k = x.shape
+    n = w_codes.shape[0]
+    g = f.group_size
+    bn, bm, ng = 64, 16, max(1, 128 // g)
+    grid = (triton_cdiv(m, bm),) if weights else (triton_cdiv(n, bn),)
+    ga = _mx_global(x.device) if f is Format.MXFP4 else _as_scalar_tensor(a_gs, x.device)
+    _gemm._fp4_linear_exact_kernel[grid](
+        x, x.stride(0), transform, ga, w_codes, w_scales, _as_scalar_tensor(w_gs, x.device),
+        bias if bias is not None else out, out, rows, count, m, n, k // g,
+        IND_W=weights, FMT=_fmt_id(f), HAS_BIAS=bias is not None, BN=bn, BM=bm, NG=ng, G=g,
+        DOT_IEEE=_dot_ieee(x, transform), num_warps=4,
+    )
+
+
+def _fp8_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, out_dtype):
+    f = Format.MXFP4
+    counters = torch.zeros(2, dtype=torch.int32, device=x.device)
+    qa, sa, rows_a, cnt_a = transform_quantize_fp8(x, transform, counters[0:1])
+    ga = _mx_global(x.device)
+    qw, sw, rows_w, cnt_w = expand_weight_fp8(w_codes, w_scales, ga, w_gs, counters[1:2])
+    mm_dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float16) else torch.float32
+    y = torch._scaled_mm(
+        qa, qw.t(), scale_a=sa[:, None], scale_b=sw[None, :],
+        bias=bias.to(mm_dtype) if bias is not None else None, out_dtype=mm_dtype, use_fast_accum=False,
+    )
+    _exact_rows(x, w_codes, w_scales, transform, w_gs, ga, bias, f, y, rows_a, cnt_a, weights=False)
+    _exact_rows(x, w_codes, w_scales, transform, w_gs, ga, bias, f, y, rows_w, cnt_w, weights=True)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def _bf16_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, out_dtype):
+    a = transform_dequantize(x, transform, a_gs, f.value)
+    w = dequantize_codes(w_codes, w_scales, f.value)
+    ga = torch.full((), formats.MXFP4_GLOBAL_SCALE, dtype=torch.float32, device=x.device) if f is Format.MXFP4 \
+        else a_gs.to(torch.float32).reshape(())
+    gscale = ga * w_gs.to(torch.float32).reshape(())
+    return _bf16_gemm(a, w, gscale, bias, out_dtype)
+
+
+def linear(
+    x: torch.Tensor,
+    w_codes: torch.Tensor,
+    w_scales: torch.Tensor,
+    transform: torch.Tensor,
+    w_global_scale: torch.Tensor,
+    a_global_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    fmt: str,
+    kernel: KernelChoice | str,
+) -> torch.Tensor:
+    """The fused calibrated linear on x (..., K) -> (..., N) with the chosen Triton route (see module doc)."""
+    f = check_linear_args(x, w_codes, w_scales, transform, w_global_scale, a_global_scale, bias, fmt)
+    choice = KernelChoice.parse(kernel)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    n = w_codes.shape[0]
+    out_dtype = x.dtype
+    w_codes = w_codes.contiguous()
+    w_scales = w_scales.contiguous()
+    transform = transform.contiguous()
+    if x2.shape[0] == 0:
+        return x.new_empty((*lead, n))
+    if choice is KernelChoice.TRITON_DECODE:
+        y = _decode_linear(x2, w_codes, w_scales, transform, w_global_scale, a_global_scale, bias, f, out_dtype)
+    elif choice is KernelChoice.TRITON_FP8:
+        if f is not Format.MXFP4:
+            raise ValueError(
+                f"kernel triton_fp8 re-encodes MXFP4 exactly into fp8 and does not support {f.value} "
+                "(its e4m3 block scales do not fold); use triton_bf16 or triton_decode"
+            )
+        y = _fp8_linear(x2, w_codes, w_scales, transform, w_global_scale, a_global_scale, bias, out_dtype)
+    elif choice is KernelChoice.TRITON_BF16:
+        y = _bf16_linear(x2, w_codes, w_scales, transform, w_global_scale, a_global_scale, bias, f, out_dtype)
+    else:
+        raise ValueError(
+            f"kernels.linear runs the Triton routes triton_decode, triton_fp8 or triton_bf16, got {choice.value}; "
+            "the dispatcher handles auto / reference / cutlass"
+        )
+    return y.reshape(*lead, n)
