@@ -16,6 +16,7 @@ from . import ops  # noqa: F401  (registers torch.ops.wush.*)
 from .ops.dispatch import pin_kernel
 from . import backend as _backend
 from .explain import explain
+from . import hf  # noqa: F401  (registers quant_method "wush" with transformers: save_pretrained / from_pretrained)
 
 _backend.register()  # backend="wush" (also resolvable through the torch_dynamo_backends entry point)
 torch._logging._internal.register_log("wush_compile", "wush_compile")  # TORCH_LOGS="+wush_compile"

@@ -1,0 +1,586 @@
+"""Checkpoints: the ``wush`` quantization method for Hugging Face transformers.
+
+After ``import wush_compile``:
+
+- ``model.save_pretrained(dir)`` on a model holding :class:`~wush_compile.modules.WushLinear` layers writes
+  ``config.json`` with a ``quantization_config`` (``quant_method: "wush"``, a format version, the model-level
+  settings and one entry per quantized Linear) and the buffers (packed codes, scales, transforms, global scales,
+  biases) in safetensors. No full-precision weight of a quantized layer is written.
+- ``AutoModelForCausalLM.from_pretrained(dir)`` builds the model on the meta device, swaps the listed Linears for
+  meta-device WushLinears before any weight is read, checks every quantized layer's tensors in the safetensors
+  headers (name, shape, dtype; errors name the file and the tensor), then lets transformers assign the buffers.
+  The round trip is bit-identical.
+
+Registration with transformers is idempotent (importing twice, or reloading this module, is fine).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import zlib
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.quantizers import auto as _hf_auto
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .config import Format, TransformKind, WushConfig
+from .modules import WushLinear
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "QUANT_METHOD",
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "WushQuantizationConfig",
+    "WushHfQuantizer",
+    "attach",
+    "wush_config",
+    "quantized_modules",
+    "register",
+]
+
+QUANT_METHOD = "wush"
+#: Version of the on-disk layout (tensor names, shapes, dtypes, config keys). Bump on any change.
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+#: Per-module entry keys of ``quantization_config["modules"]``.
+_MODULE_KEYS = ("fmt", "transform_kind", "share_group", "bias", "in_features", "out_features", "dtype")
+#: Optional per-module key: ``{buffer name: CRC-32 of its bytes}``, checked after loading.
+_CRC_KEY = "crc32"
+#: Storage dtypes a transform / bias may have.
+_FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: safetensors dtype tags.
+_ST_DTYPE = {torch.uint8: "U8", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_MIXED = "mixed"
+
+
+class CheckpointError(ValueError):
+    """A wush checkpoint that cannot be loaded: corrupt file, missing / misshapen tensor, config mismatch."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The quantization config (what config.json carries)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class WushQuantizationConfig(QuantizationConfigMixin):
+    """``config.json["quantization_config"]`` of a wush model.
+
+    Args:
+        format_version: on-disk layout version (:data:`FORMAT_VERSION`).
+        format: the models' FP4 format ("mxfp4" / "nvfp4", or "mixed" when the layers differ).
+        method: "rtn" / "gptq" when known (from the calibration config), else None.
+        transform: the transform kind of the layers ("mixed" when they differ).
+        modules: ``{module name: {fmt, transform_kind, share_group, bias, in_features, out_features, dtype,
+            crc32}}`` for every quantized Linear (``dtype`` is the storage dtype of its transform and bias;
+            ``crc32``, optional, the CRC-32 of each buffer's bytes, checked after loading).
+        modules_to_not_convert: names of the Linears left in high precision.
+        calibration: ``WushConfig.to_dict()`` of the calibration run, when known.
+    """
+
+    def __init__(
+        self,
+        format_version: int = FORMAT_VERSION,
+        format: str | None = None,
+        method: str | None = None,
+        transform: str | None = None,
+        modules: dict[str, dict[str, Any]] | None = None,
+        modules_to_not_convert: list[str] | None = None,
+        calibration: dict[str, Any] | None = None,
+        quant_method: str = QUANT_METHOD,
+        **unknown: Any,
+    ) -> None:
+        where = "config.json quantization_config"
+        if unknown:
+            raise CheckpointError(
+                f"{where}: unknown keys {sorted(unknown)} (format_version {format_version!r}); this wush_compile "
+                f"reads format version(s) {list(SUPPORTED_FORMAT_VERSIONS)} - upgrade wush_compile or re-save"
+            )
+        if quant_method != QUANT_METHOD:
+            raise CheckpointError(f"{where}: quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.format = format
+        self.method = method
+        self.transform = transform
+        self.modules = {} if modules is None else modules
+        self.modules_to_not_convert = [] if modules_to_not_convert is None else modules_to_not_convert
+        self.calibration = calibration
+        self.post_init()
+
+    def post_init(self) -> None:
+        where = "config.json quantization_config"
+        v = self.format_version
+        if isinstance(v, bool) or not isinstance(v, int) or v not in SUPPORTED_FORMAT_VERSIONS:
+            raise CheckpointError(
+                f"{where}: format_version {v!r} is not supported; this wush_compile reads version(s) "
+                f"{list(SUPPORTED_FORMAT_VERSIONS)} - upgrade wush_compile to load this checkpoint"
+            )
+        if not isinstance(self.modules, dict):
+            raise CheckpointError(f"{where}: 'modules' must be a mapping of module name -> settings")
+        for name, entry in self.modules.items():
+            self.modules[name] = _check_module_entry(name, entry)
+        if not isinstance(self.modules_to_not_convert, list) or not all(
+            isinstance(s, str) for s in self.modules_to_not_convert
+        ):
+            raise CheckpointError(f"{where}: 'modules_to_not_convert' must be a list of module names")
+        if self.format is not None and self.format != _MIXED:
+            Format.parse(self.format)
+        if self.transform is not None and self.transform != _MIXED:
+            TransformKind.parse(self.transform)
+        if self.calibration is not None:
+            try:
+                WushConfig.from_dict(self.calibration)
+            except (TypeError, ValueError) as err:
+                raise CheckpointError(f"{where}: 'calibration' is not a valid WushConfig: {err}") from err
+
+    def wush_config(self) -> WushConfig | None:
+        """The calibration settings as a :class:`WushConfig` (None when the checkpoint does not record them)."""
+        return None if self.calibration is None else WushConfig.from_dict(self.calibration)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, config: WushConfig | None = None) -> "WushQuantizationConfig":
+        """Describe ``model``'s WushLinear layers (and the Linears left in high precision)."""
+        modules: dict[str, dict[str, Any]] = {}
+        not_converted: list[str] = []
+        for name, mod in model.named_modules():
+            if isinstance(mod, WushLinear):
+                modules[name] = {
+                    "fmt": mod.fmt.value,
+                    "transform_kind": mod.transform_kind.value,
+                    "share_group": mod.share_group,
+                    "bias": mod.bias is not None,
+                    "in_features": int(mod.in_features),
+                    "out_features": int(mod.out_features),
+                    "dtype": _dtype_name(mod.transform.dtype),
+                }
+                bufs = dict(mod.named_buffers(recurse=False))
+                if all(b.device.type != "meta" for b in bufs.values()):
+                    modules[name][_CRC_KEY] = {b: _crc32(t) for b, t in sorted(bufs.items())}
+            elif isinstance(mod, nn.Linear):
+                not_converted.append(name)
+        fmts = {e["fmt"] for e in modules.values()}
+        kinds = {e["transform_kind"] for e in modules.values()}
+        if config is not None:
+            fmts.add(config.format.value)
+            kinds.add(config.transform.value)
+        return cls(
+            format=_common(fmts),
+            method=None if config is None else config.method.value,
+            transform=_common(kinds),
+            modules=modules,
+            modules_to_not_convert=not_converted,
+            calibration=None if config is None else config.to_dict(),
+        )
+
+
+def _common(values: set[str]) -> str | None:
+    if not values:
+        return None
+    return next(iter(values)) if len(values) == 1 else _MIXED
+
+
+def _check_module_entry(name: str, entry: Any) -> dict[str, Any]:
+    where = f"config.json quantization_config.modules[{name!r}]"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: expected a mapping, got {entry!r}")
+    missing = [k for k in _MODULE_KEYS if k not in entry]
+    extra = sorted(set(entry) - set(_MODULE_KEYS) - {_CRC_KEY})
+    if missing or extra:
+        raise CheckpointError(f"{where}: missing keys {missing}, unknown keys {extra}; expected {list(_MODULE_KEYS)}")
+    sums = entry.get(_CRC_KEY)
+    if sums is not None and not (
+        isinstance(sums, dict)
+        and all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in sums.items())
+    ):
+        raise CheckpointError(f"{where}: {_CRC_KEY} must map buffer names to integers, got {sums!r}")
+    try:
+        fmt = Format.parse(entry["fmt"])
+        TransformKind.parse(entry["transform_kind"])
+    except ValueError as err:
+        raise CheckpointError(f"{where}: {err}") from err
+    for key in ("in_features", "out_features"):
+        v = entry[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise CheckpointError(f"{where}: {key} must be a positive integer, got {v!r}")
+    if entry["in_features"] % fmt.group_size:
+        raise CheckpointError(
+            f"{where}: in_features={entry['in_features']} is not a multiple of the {fmt.value} group size "
+            f"G={fmt.group_size}"
+        )
+    if entry["dtype"] not in _FLOAT_DTYPES:
+        raise CheckpointError(f"{where}: dtype {entry['dtype']!r} is not one of {sorted(_FLOAT_DTYPES)}")
+    if not isinstance(entry["bias"], bool):
+        raise CheckpointError(f"{where}: bias must be true or false, got {entry['bias']!r}")
+    if entry["share_group"] is not None and not isinstance(entry["share_group"], str):
+        raise CheckpointError(f"{where}: share_group must be a string or null, got {entry['share_group']!r}")
+    return dict(entry)
+
+
+def expected_tensors(name: str, entry: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{tensor name: (safetensors dtype tag, shape)}`` a quantized module must have in the checkpoint."""
+    fmt = Format.parse(entry["fmt"])
+    g = fmt.group_size
+    n, k = entry["out_features"], entry["in_features"]
+    dt = _ST_DTYPE[_FLOAT_DTYPES[entry["dtype"]]]
+    out = {
+        f"{name}.weight_codes": ("U8", (n, k // 2)),
+        f"{name}.weight_scales": ("U8", (n, k // g)),
+        f"{name}.transform": (dt, (k // g, g, g)),
+        f"{name}.weight_global_scale": ("F32", ()),
+        f"{name}.act_global_scale": ("F32", ()),
+    }
+    if entry["bias"]:
+        out[f"{name}.bias"] = (dt, (n,))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoint checks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _crc32(t: torch.Tensor) -> int:
+    return zlib.crc32(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+
+
+def _read_headers(files: Iterable[str]) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """``{tensor: (file, dtype tag, shape)}`` from the safetensors headers (no tensor data is read)."""
+    from safetensors import safe_open
+
+    index: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    for path in files:
+        if not str(path).endswith(".safetensors"):
+            raise CheckpointError(f"{path}: wush checkpoints are stored as safetensors; re-save with save_pretrained")
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    index[key] = (str(path), sl.get_dtype(), tuple(sl.get_shape()))
+        except Exception as err:  # SafetensorError, OSError, ...: the file itself is unusable
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({type(err).__name__}: {err}); the checkpoint is corrupt "
+                "or incomplete - copy or save it again"
+            ) from err
+    return index
+
+
+def check_checkpoint(
+    files: Iterable[str], qconfig: WushQuantizationConfig, model: nn.Module | None = None
+) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """Check the safetensors headers of ``files``: every quantized module's tensors (presence, dtype, shape) and,
+    given the meta-device ``model``, that no other tensor it needs is missing. Returns the header index
+    ``{tensor: (file, dtype tag, shape)}``."""
+    files = [str(f) for f in files]
+    index = _read_headers(files)
+    where = files[0] if len(files) == 1 else f"{os.path.dirname(files[0])} ({len(files)} safetensors files)"
+    for name, entry in qconfig.modules.items():
+        if f"{name}.weight" in index:
+            path = index[f"{name}.weight"][0]
+            raise CheckpointError(
+                f"{path}: tensor '{name}.weight' is a full-precision weight, but config.json lists '{name}' as a "
+                "quantized WushLinear; the config does not match the tensors"
+            )
+        for tensor, (dt, shape) in expected_tensors(name, entry).items():
+            if tensor not in index:
+                raise CheckpointError(
+                    f"{where}: tensor '{tensor}' is missing; config.json lists '{name}' as a quantized "
+                    f"{entry['fmt']} layer, which needs it ({dt} {list(shape)})"
+                )
+            path, got_dt, got_shape = index[tensor]
+            if got_dt != dt:
+                raise CheckpointError(
+                    f"{path}: tensor '{tensor}' has dtype {got_dt}, expected {dt} for a {entry['fmt']} layer "
+                    f"stored in {entry['dtype']}"
+                )
+            if got_shape != shape:
+                raise CheckpointError(
+                    f"{path}: tensor '{tensor}' has shape {list(got_shape)}, expected {list(shape)} for a "
+                    f"{entry['fmt']} layer (G={Format.parse(entry['fmt']).group_size}) with "
+                    f"in_features={entry['in_features']}, out_features={entry['out_features']}; the config does not "
+                    "match the tensors"
+                )
+        if not entry["bias"] and f"{name}.bias" in index:
+            raise CheckpointError(
+                f"{index[f'{name}.bias'][0]}: tensor '{name}.bias' is present but config.json says '{name}' has no "
+                "bias; the config does not match the tensors"
+            )
+    if model is not None:
+        _check_no_missing_tensors(model, index, where)
+    return index
+
+
+def _check_no_missing_tensors(model: nn.Module, index: dict, where: str) -> None:
+    """Every state-dict entry of ``model`` (WushLinears already swapped in) is in the checkpoint, except tied
+    weights and what the model class declares optional."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    present = set(index)
+    if prefix:
+        present |= {k[len(prefix) + 1 :] for k in index if k.startswith(prefix + ".")}
+        present |= {f"{prefix}.{k}" for k in index}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    optional = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
+    for key in model.state_dict():
+        if key in present or key in tied or any(p.search(key) for p in optional):
+            continue
+        raise CheckpointError(f"{where}: tensor '{key}' is missing; the checkpoint is incomplete - save it again")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model surgery
+# --------------------------------------------------------------------------------------------------------------
+
+
+def quantized_modules(model: nn.Module) -> dict[str, WushLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, WushLinear)}
+
+
+def _resolve(model: nn.Module, name: str) -> tuple[str, nn.Module] | None:
+    """Find checkpoint module ``name`` in ``model`` (also across the base-model prefix, e.g. CausalLM <-> base)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [name]
+    if prefix and name.startswith(prefix + "."):
+        candidates.append(name[len(prefix) + 1 :])
+    elif prefix:
+        candidates.append(f"{prefix}.{name}")
+    for cand in candidates:
+        try:
+            return cand, model.get_submodule(cand)
+        except AttributeError:
+            continue
+    return None
+
+
+def replace_linears(model: nn.Module, qconfig: WushQuantizationConfig) -> int:
+    """Swap every Linear listed in ``qconfig.modules`` for a meta-device WushLinear (no weight is allocated)."""
+    for name, entry in qconfig.modules.items():
+        found = _resolve(model, name)
+        if found is None:
+            raise CheckpointError(
+                f"config.json quantization_config lists '{name}' as a quantized Linear, but {type(model).__name__} "
+                "has no such module; load the checkpoint with the model class it was saved from"
+            )
+        path, mod = found
+        if isinstance(mod, WushLinear):
+            continue
+        if not isinstance(mod, nn.Linear):
+            raise CheckpointError(
+                f"config.json quantization_config lists '{name}' as a quantized Linear, but it is a "
+                f"{type(mod).__name__}"
+            )
+        if (mod.in_features, mod.out_features) != (entry["in_features"], entry["out_features"]):
+            raise CheckpointError(
+                f"config.json quantization_config: '{name}' has in_features={entry['in_features']}, "
+                f"out_features={entry['out_features']}, but the model's Linear is {mod.in_features} -> "
+                f"{mod.out_features}; the config does not match the model"
+            )
+        new = WushLinear(
+            entry["in_features"],
+            entry["out_features"],
+            bias=entry["bias"],
+            fmt=entry["fmt"],
+            dtype=_FLOAT_DTYPES[entry["dtype"]],
+            device="meta",
+            transform_kind=entry["transform_kind"],
+            share_group=entry["share_group"],
+        )
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    return len(qconfig.modules)
+
+
+def _wush_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{buf_name}": buf
+        for name, mod in quantized_modules(model).items()
+        for buf_name, buf in mod.named_buffers(recurse=False)
+    }
+
+
+def verify_checksums(model: nn.Module, index: dict, qconfig: WushQuantizationConfig) -> None:
+    """Compare every loaded WushLinear buffer with the CRC-32 that config.json recorded for it (when it did)."""
+    for name, entry in qconfig.modules.items():
+        sums = entry.get("crc32")
+        found = _resolve(model, name)
+        if not sums or found is None:
+            continue
+        mod = found[1]
+        for buf_name, crc in sums.items():
+            buf = getattr(mod, buf_name, None)
+            if isinstance(buf, torch.Tensor) and _crc32(buf) != crc:
+                tensor = f"{name}.{buf_name}"
+                where = index.get(tensor, ("the checkpoint",))[0]
+                raise CheckpointError(
+                    f"{where}: tensor '{tensor}' does not match the CRC-32 recorded in config.json; the file is corrupt "
+                    "(or config.json belongs to another checkpoint) - copy or save it again"
+                )
+
+
+def _check_loaded(model: nn.Module) -> None:
+    for name, buf in _wush_tensors(model).items():
+        if buf.device.type == "meta":
+            raise CheckpointError(f"tensor '{name}' was not loaded from the checkpoint")
+    for name, mod in quantized_modules(model).items():
+        for buf_name in ("weight_global_scale", "act_global_scale"):
+            v = getattr(mod, buf_name)
+            if not bool(torch.isfinite(v)) or float(v) <= 0:
+                raise CheckpointError(f"tensor '{name}.{buf_name}' is {float(v)}; a global scale must be finite and > 0")
+
+
+def _untie_quantized_outputs(model: PreTrainedModel, names: Iterable[str]) -> None:
+    """A quantized lm_head cannot share the embedding's weight: mark the config untied."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    tied_modules = {k.removesuffix(".weight") for k in tied} | {v.removesuffix(".weight") for v in tied.values()}
+    if set(names) & tied_modules:
+        for cfg in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
+            if getattr(cfg, "tie_word_embeddings", False):
+                cfg.tie_word_embeddings = False
+                logger.info("quantized output embedding: tie_word_embeddings set to False")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The transformers quantizer
+# --------------------------------------------------------------------------------------------------------------
+
+
+class WushHfQuantizer(HfQuantizer):
+    """Loads (and saves) wush checkpoints. Calibration needs data, so only pre-quantized checkpoints load."""
+
+    requires_calibration = True
+    quantization_config: WushQuantizationConfig
+
+    def validate_environment(self, *args, **kwargs) -> None:
+        return None
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        n = replace_linears(model, self.quantization_config)
+        self._index = {}
+        if checkpoint_files:
+            self._index = check_checkpoint(checkpoint_files, self.quantization_config, model)
+        logger.info("wush: %d Linears replaced by WushLinear before loading", n)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        _check_loaded(model)
+        verify_checksums(model, getattr(self, "_index", {}), self.quantization_config)
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        """The model's state dict with no storage shared between two WushLinear buffers (safetensors would drop
+        all but one name, e.g. of a transform shared by q/k/v)."""
+        state = model.state_dict()
+        seen: dict[Any, str] = {}
+        for key, t in state.items():
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            ptr = (t.untyped_storage().data_ptr(), t.device)
+            if ptr in seen and _is_wush_buffer(model, key):
+                state[key] = t.clone()
+            else:
+                seen.setdefault(ptr, key)
+        return state, {}
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def _is_wush_buffer(model: nn.Module, key: str) -> bool:
+    module_name = key.rpartition(".")[0]
+    try:
+        return isinstance(model.get_submodule(module_name), WushLinear)
+    except AttributeError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def wush_config(model: nn.Module) -> WushConfig | None:
+    """The calibration config recorded for ``model`` (None when unknown)."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    return qc.wush_config() if isinstance(qc, WushQuantizationConfig) else None
+
+
+def attach(model: PreTrainedModel, config: WushConfig | None = None) -> WushQuantizationConfig:
+    """Mark ``model`` (with WushLinear layers) as a wush model so ``save_pretrained`` writes a loadable checkpoint.
+
+    Sets ``model.config.quantization_config`` (describing the current layers; ``config`` records the calibration
+    settings, else the ones recorded before are kept) and ``model.hf_quantizer``. Called by ``save_pretrained``
+    itself once wush_compile is imported; calibration may call it to record its config.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"attach expects a transformers PreTrainedModel, got {type(model).__name__}")
+    if config is None:
+        config = wush_config(model)
+    qconfig = WushQuantizationConfig.from_model(model, config)
+    if not qconfig.modules:
+        raise ValueError(f"{type(model).__name__} has no WushLinear layer; calibrate it first")
+    _untie_quantized_outputs(model, qconfig.modules)
+    model.config.quantization_config = qconfig
+    if not isinstance(getattr(model, "hf_quantizer", None), WushHfQuantizer):
+        # Replaces e.g. the GGUF loader's quantizer of the demo model: the weights are now ours.
+        model.hf_quantizer = WushHfQuantizer(qconfig, pre_quantized=True)
+    else:
+        model.hf_quantizer.quantization_config = qconfig
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    return qconfig
+
+
+def _wrap_save_pretrained(orig):
+    @functools.wraps(orig)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if any(isinstance(m, WushLinear) for m in self.modules()):
+            attach(self)
+        return orig(self, save_directory, *args, **kwargs)
+
+    save_pretrained.__wush_original__ = orig
+    return save_pretrained
+
+
+def register() -> None:
+    """Register quant_method "wush" with transformers and hook ``save_pretrained``; safe to call repeatedly."""
+    for mapping, cls, reg in (
+        (_hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, WushQuantizationConfig, _hf_auto.register_quantization_config),
+        (_hf_auto.AUTO_QUANTIZER_MAPPING, WushHfQuantizer, _hf_auto.register_quantizer),
+    ):
+        if mapping.get(QUANT_METHOD) is cls:
+            continue
+        mapping.pop(QUANT_METHOD, None)  # an earlier copy of this module (importlib.reload)
+        reg(QUANT_METHOD)(cls)
+    current = PreTrainedModel.save_pretrained
+    original = getattr(current, "__wush_original__", current)
+    PreTrainedModel.save_pretrained = _wrap_save_pretrained(original)
+
+
+register()
