@@ -43,6 +43,45 @@ def e2m1_to_f16(n):
     return f8.to(tl.float8e4nv, bitcast=True).to(tl.float16)
 
 
+# e2m1 nibbles of 4 packed bytes -> 4 fp16 values code * 2**-6, two PTX lanes at a time: the nibble's
+# magnitude bits go to e4m3 bits 4..2, its sign to bit 7, then cvt.rn.f16x2.e4m3x2 (sm_89+).
+_ASM_LO = tl.constexpr("""{
+.reg .b32 a, t;
+.reg .b16 h0, h1;
+shl.b32 a, $2, 2;
+and.b32 a, a, 0x1C1C1C1C;
+shl.b32 t, $2, 4;
+and.b32 t, t, 0x80808080;
+or.b32 a, a, t;
+mov.b32 {h0, h1}, a;
+cvt.rn.f16x2.e4m3x2 $0, h0;
+cvt.rn.f16x2.e4m3x2 $1, h1;
+}""")
+_ASM_HI = tl.constexpr("""{
+.reg .b32 a, t;
+.reg .b16 h0, h1;
+shr.b32 a, $2, 2;
+and.b32 a, a, 0x1C1C1C1C;
+and.b32 t, $2, 0x80808080;
+or.b32 a, a, t;
+mov.b32 {h0, h1}, a;
+cvt.rn.f16x2.e4m3x2 $0, h0;
+cvt.rn.f16x2.e4m3x2 $1, h1;
+}""")
+
+
+@triton.jit
+def unpack_fp4_f16(b, USE_ASM: tl.constexpr):
+    """Packed bytes (uint8) -> (low nibbles, high nibbles) as fp16 code * 2**-6, each b's shape."""
+    if USE_ASM:
+        lo = tl.inline_asm_elementwise(_ASM_LO, "=r,=r,r", [b], dtype=tl.float16, is_pure=True, pack=4)
+        hi = tl.inline_asm_elementwise(_ASM_HI, "=r,=r,r", [b], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        lo = e2m1_to_f16(b & 15)
+        hi = e2m1_to_f16(b >> 4)
+    return lo, hi
+
+
 @triton.jit
 def bf16_rne(y):
     """fp32 -> bf16, round to nearest even, in integer ops (the CPU interpreter's own cast truncates)."""
@@ -65,31 +104,47 @@ def scale_value(byte, FMT: tl.constexpr):
 
 
 @triton.jit
-def _linear_tile(x_ptr, stride_xm, t_ptr, ga, w_ptr, ws_ptr, tok, tok_mask, wn, w_mask, blk_lo, blk_hi, NB,
-                 FMT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr, G: tl.constexpr,
-                 DOT_IEEE: tl.constexpr):
-    """sum over blocks [blk_lo, blk_hi) of dequant(W[wn]) . quant(x[tok] T^T): (BN, BM) fp32, global scales left out."""
+def _linear_tile(x_ptr, stride_xm, t_ptr, ga, a_ptr, as_ptr, w_ptr, ws_ptr, tok, tok_mask, wn, w_mask,
+                 blk_lo, blk_hi, NB,
+                 FMT: tl.constexpr, A_FUSED: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr,
+                 G: tl.constexpr, DOT_IEEE: tl.constexpr, USE_ASM: tl.constexpr):
+    """sum over blocks [blk_lo, blk_hi) of dequant(W[wn]) . quant(x[tok] T^T): (BN, BM) fp32, global scales left out.
+
+    A_FUSED: the tokens are transformed and quantized here from x; otherwise their packed codes
+    (a_ptr, (M, K/2)) and scale bytes (as_ptr, (M, K/G)) are read.
+    """
     acc = tl.zeros((NG, BN, BM), tl.float32)
     jj = tl.arange(0, G // 2)
     wn64 = wn.to(tl.int64)
+    tok64 = tok.to(tl.int64)
     for blk0 in range(blk_lo, blk_hi, NG):
         blk = blk0 + tl.arange(0, NG)
         bmask = blk < blk_hi
-        # activations: transform + quantize in registers -> codes (exact in fp16) and block scales
-        xt = load_transformed(x_ptr, stride_xm, tok, tok_mask, t_ptr, blk0, blk_hi, NG, G, DOT_IEEE)  # (NG, BM, G)
-        if FMT == FMT_MX:
-            idx, neg, mag, e, bad = mx_quantize(xt)
-            sa = tl.where(bad, float("nan"), pow2(e))  # (NG, BM)
+        if A_FUSED:
+            # activations: transform + quantize in registers -> codes (exact in fp16) and block scales
+            xt = load_transformed(x_ptr, stride_xm, tok, tok_mask, t_ptr, blk0, blk_hi, NG, G, DOT_IEEE)
+            if FMT == FMT_MX:
+                idx, neg, mag, e, bad = mx_quantize(xt)
+                sa = tl.where(bad, float("nan"), pow2(e))  # (NG, BM)
+            else:
+                idx, neg, mag, s_byte, s_val, bad = nv_quantize(xt, ga)
+                sa = tl.where(bad, float("nan"), s_val)
+            av = tl.where(neg == 1, -mag, mag).to(tl.float16)  # (NG, BM, G)
         else:
-            idx, neg, mag, s_byte, s_val, bad = nv_quantize(xt, ga)
-            sa = tl.where(bad, float("nan"), s_val)
-        av = tl.where(neg == 1, -mag, mag).to(tl.float16)  # (NG, BM, G)
+            amask = bmask[:, None] & tok_mask[None, :]
+            ab = tl.load(a_ptr + tok64[None, :, None] * (NB * (G // 2)) + (blk[:, None, None] * (G // 2) + jj[None, None, :]),
+                         mask=amask[:, :, None], other=0)  # (NG, BM, G/2)
+            asb = tl.load(as_ptr + tok64[None, :] * NB + blk[:, None], mask=amask, other=0)
+            sa = scale_value(asb.to(tl.int32), FMT) * 64.0
+            alo, ahi = unpack_fp4_f16(ab, USE_ASM)
+            av = tl.reshape(tl.join(alo, ahi), (NG, BM, G))
         # weights: packed nibbles -> fp16 code * 2**-6
         wp = w_ptr + wn64[None, :, None] * (NB * (G // 2)) + (blk[:, None, None] * (G // 2) + jj[None, None, :])
         wb = tl.load(wp, mask=bmask[:, None, None] & w_mask[None, :, None], other=0)  # (NG, BN, G/2) uint8
         sb = tl.load(ws_ptr + wn64[None, :] * NB + blk[:, None], mask=bmask[:, None] & w_mask[None, :], other=0)
         sw = scale_value(sb.to(tl.int32), FMT) * 64.0  # (NG, BN)
-        wv = tl.reshape(tl.join(e2m1_to_f16(wb & 15), e2m1_to_f16(wb >> 4)), (NG, BN, G))
+        wlo, whi = unpack_fp4_f16(wb, USE_ASM)
+        wv = tl.reshape(tl.join(wlo, whi), (NG, BN, G))
         d = tl.dot(wv, tl.permute(av, (0, 2, 1)))  # (NG, BN, BM), exact per group
         acc += d * (sw[:, :, None] * sa[:, None, :])
     return tl.sum(acc, axis=0)
@@ -113,10 +168,11 @@ def _store_out(out_ptr, y, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_B
 
 @triton.jit
 def _fp4_linear_kernel(
-    x_ptr, stride_xm, t_ptr, ga_ptr, w_ptr, ws_ptr, gw_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
+    x_ptr, stride_xm, t_ptr, ga_ptr, a_ptr, as_ptr, w_ptr, ws_ptr, gw_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, NB, BLK_PER_SPLIT,
-    FMT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    FMT: tl.constexpr, A_FUSED: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BN: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr, G: tl.constexpr, DOT_IEEE: tl.constexpr,
+    USE_ASM: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -129,8 +185,8 @@ def _fp4_linear_kernel(
     gscale = ga * tl.load(gw_ptr)
     blk_lo = pid_k * BLK_PER_SPLIT
     blk_hi = tl.minimum(blk_lo + BLK_PER_SPLIT, NB)
-    acc = _linear_tile(x_ptr, stride_xm, t_ptr, ga, w_ptr, ws_ptr, tok, tok_mask, wn, w_mask, blk_lo, blk_hi, NB,
-                       FMT, BN, BM, NG, G, DOT_IEEE)
+    acc = _linear_tile(x_ptr, stride_xm, t_ptr, ga, a_ptr, as_ptr, w_ptr, ws_ptr, tok, tok_mask, wn, w_mask,
+                       blk_lo, blk_hi, NB, FMT, A_FUSED, BN, BM, NG, G, DOT_IEEE, USE_ASM)
     if SPLIT_K == 1:
         _store_out(out_ptr, acc, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS)
     else:
@@ -156,6 +212,7 @@ def _fp4_linear_exact_kernel(
     M, N, NB,
     IND_W: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BN: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr, G: tl.constexpr, DOT_IEEE: tl.constexpr,
+    USE_ASM: tl.constexpr,
 ):
     """Exact outputs for listed rows: token rows (IND_W=False, grid over weight tiles) or weight rows
     (IND_W=True, grid over token tiles). Nothing to do when the list is empty."""
@@ -170,8 +227,8 @@ def _fp4_linear_exact_kernel(
             i = c0 + tl.arange(0, BN)
             w_mask = i < count
             wn = tl.load(list_ptr + i, mask=w_mask, other=0)
-            acc = _linear_tile(x_ptr, stride_xm, t_ptr, ga, w_ptr, ws_ptr, tok, tok_mask, wn, w_mask, 0, NB, NB,
-                               FMT, BN, BM, NG, G, DOT_IEEE)
+            acc = _linear_tile(x_ptr, stride_xm, t_ptr, ga, x_ptr, x_ptr, w_ptr, ws_ptr, tok, tok_mask, wn, w_mask,
+                               0, NB, NB, FMT, True, BN, BM, NG, G, DOT_IEEE, USE_ASM)
             _store_out(out_ptr, acc, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS)
     else:
         wn = pid * BN + tl.arange(0, BN)
@@ -180,8 +237,8 @@ def _fp4_linear_exact_kernel(
             i = c0 + tl.arange(0, BM)
             tok_mask = i < count
             tok = tl.load(list_ptr + i, mask=tok_mask, other=0)
-            acc = _linear_tile(x_ptr, stride_xm, t_ptr, ga, w_ptr, ws_ptr, tok, tok_mask, wn, w_mask, 0, NB, NB,
-                               FMT, BN, BM, NG, G, DOT_IEEE)
+            acc = _linear_tile(x_ptr, stride_xm, t_ptr, ga, x_ptr, x_ptr, w_ptr, ws_ptr, tok, tok_mask, wn, w_mask,
+                               0, NB, NB, FMT, True, BN, BM, NG, G, DOT_IEEE, USE_ASM)
             _store_out(out_ptr, acc, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS)
 
 

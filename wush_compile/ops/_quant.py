@@ -26,8 +26,8 @@ FMT_NV = tl.constexpr(1)
 MODE_FP4 = tl.constexpr(0)  # packed e2m1 codes (M, K/2) + scale bytes (M, K/G): the reference layout
 MODE_DEQ = tl.constexpr(1)  # exact dequantized values code * block scale (no global scale), (M, K)
 
-_F32_EXP_MASK = 0x7F800000
-_F32_ABS_MASK = 0x7FFFFFFF
+_F32_EXP_MASK = tl.constexpr(0x7F800000)
+_F32_ABS_MASK = tl.constexpr(0x7FFFFFFF)
 
 
 @triton.jit
@@ -75,9 +75,9 @@ def load_transformed(x_ptr, stride_xm, rows, row_mask, t_ptr, blk0, NB, NG: tl.c
     bmask = blk < NB
     xp = x_ptr + rows[None, :, None].to(tl.int64) * stride_xm + (blk[:, None, None] * G + j[None, None, :])
     x = tl.load(xp, mask=bmask[:, None, None] & row_mask[None, :, None], other=0.0)  # (NG, BM, G)
-    # T_b^T: element [b, i, h] = T[b, h, i]
-    tp = t_ptr + blk[:, None, None] * (G * G) + j[None, :, None] + j[None, None, :] * G
-    t = tl.load(tp, mask=bmask[:, None, None], other=0.0)  # (NG, G, G)
+    # T_b loaded row-major (contiguous, vectorized), used transposed: x_b @ T_b^T
+    tp = t_ptr + blk[:, None, None] * (G * G) + j[None, :, None] * G + j[None, None, :]
+    t = tl.permute(tl.load(tp, mask=bmask[:, None, None], other=0.0), (0, 2, 1))  # (NG, G, G): T_b^T
     if DOT_IEEE:
         xt = tl.dot(x.to(tl.float32), t.to(tl.float32), input_precision="ieee")
     else:

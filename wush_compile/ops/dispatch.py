@@ -114,9 +114,12 @@ def current_pin() -> KernelChoice:
 def triton_kernels_status() -> tuple[bool, str]:
     """(importable, reason): whether ``wush_compile.ops.kernels`` (the Triton launchers) can be used."""
     try:
-        from . import kernels  # noqa: F401
-    except Exception as exc:  # ImportError without triton, or the module not written yet
+        from . import kernels
+    except Exception as exc:  # the module failed to import
         return False, f"wush_compile.ops.kernels is not importable ({type(exc).__name__}: {exc})"
+    ok, why = kernels.triton_available()
+    if not ok:
+        return False, why
     return True, "triton kernels importable"
 
 

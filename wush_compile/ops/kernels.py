@@ -52,6 +52,8 @@ __all__ = [
 _DEFAULT_SMS = 132
 #: Programs per SM the split-K heuristic aims for (enough loads in flight to cover DRAM latency).
 _PROGRAMS_PER_SM = 4
+#: fp4_gemm runs the Triton FP4 GEMM up to this M, above it exact bf16 dequantization + cuBLAS.
+FP4_GEMM_TRITON_MAX_M = 64
 #: Largest number of split-K tiles (counters) one device keeps.
 _MAX_LOCKS = 1 << 16
 
@@ -96,6 +98,7 @@ class LinearTiles:
     blocks_per_split: int
     num_warps: int
     num_stages: int
+    fused_act: bool = True  # transform + quantize the tokens in the prologue (else a separate quantize launch)
 
 
 def quant_tiles(m: int, k: int, fmt: Format | str, fp8: bool = False) -> QuantTiles:
@@ -109,19 +112,21 @@ def quant_tiles(m: int, k: int, fmt: Format | str, fp8: bool = False) -> QuantTi
     return QuantTiles(block_m=block_m, groups=groups, num_warps=4)
 
 
-def linear_tiles(m: int, n: int, k: int, fmt: Format | str, sms: int = _DEFAULT_SMS) -> LinearTiles:
-    """Split-K so that about ``_PROGRAMS_PER_SM`` programs per SM stream weights; 128 columns per K step."""
+def linear_tiles(
+    m: int, n: int, k: int, fmt: Format | str, sms: int = _DEFAULT_SMS, *, block_n: int = 64, fused_act: bool = True,
+    programs_per_sm: int = _PROGRAMS_PER_SM, num_warps: int = 4, num_stages: int = 3,
+) -> LinearTiles:
+    """Split-K so that about ``programs_per_sm`` programs per SM stream weights; 128 columns per K step."""
     g = Format.parse(fmt).group_size
     nb = k // g
     groups = max(1, 128 // g)
     block_m = 16
-    block_n = 64
     tiles = math.ceil(n / block_n) * math.ceil(m / block_m)
     steps = math.ceil(nb / groups)
-    split = max(1, min(steps, round(sms * _PROGRAMS_PER_SM / tiles)))
+    split = max(1, min(steps, round(sms * programs_per_sm / tiles)))
     per_split = math.ceil(steps / split) * groups
     split = math.ceil(nb / per_split)
-    return LinearTiles(block_n, block_m, groups, split, per_split, num_warps=4, num_stages=3)
+    return LinearTiles(block_n, block_m, groups, split, per_split, num_warps, num_stages, fused_act)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,6 +146,13 @@ def _check_x(x: torch.Tensor, transform: torch.Tensor, f: Format) -> None:
         raise ValueError(f"transform must be {(x.shape[1] // g, g, g)} for K={x.shape[1]} ({f.value}), got {tuple(transform.shape)}")
     if x.device != transform.device:
         raise ValueError(f"activations on {x.device} but transform on {transform.device}; move them to one device")
+
+
+def _use_asm(device: torch.device) -> bool:
+    """The PTX nibble unpacker (cvt e4m3x2 -> f16x2) needs sm_89+; the interpreter runs the portable path."""
+    if _interpreting() or device.type != "cuda" or os.environ.get("WUSH_PORTABLE_UNPACK", "0") == "1":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _interpreting() -> bool:
@@ -388,6 +400,12 @@ def fp4_gemm(
     and a bf16 GEMM with fp32 accumulation, then the global scales and the bias (twin of fp4_gemm_ref)."""
     if a_codes.shape[1] != w_codes.shape[1]:
         raise ValueError(f"fp4_gemm: activations hold K={2 * a_codes.shape[1]}, weights K={2 * w_codes.shape[1]}")
+    f = Format.parse(fmt)
+    m, n, k = a_codes.shape[0], w_codes.shape[0], 2 * a_codes.shape[1]
+    if m <= FP4_GEMM_TRITON_MAX_M:
+        cfg = linear_tiles(m, n, k, f, _sm_count(a_codes.device), fused_act=False)
+        return _fp4_linear(None, a_codes.contiguous(), a_scales.contiguous(), None, a_global_scale,
+                           w_codes.contiguous(), w_scales.contiguous(), w_global_scale, bias, f, out_dtype, cfg)
     a = dequantize_codes(a_codes, a_scales, fmt)
     w = dequantize_codes(w_codes, w_scales, fmt)
     gscale = a_global_scale.to(torch.float32).reshape(()) * w_global_scale.to(torch.float32).reshape(())
@@ -395,25 +413,43 @@ def fp4_gemm(
 
 
 def _decode_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, out_dtype, tiles=None):
-    _, _gemm = _mods()
     m, k = x.shape
     n = w_codes.shape[0]
-    g = f.group_size
-    nb = k // g
+    x, transform = x.contiguous(), transform.contiguous()
     cfg = tiles or linear_tiles(m, n, k, f, _sm_count(x.device))
-    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if cfg.fused_act:
+        return _fp4_linear(x, None, None, transform, a_gs, w_codes, w_scales, w_gs, bias, f, out_dtype, cfg)
+    a_codes, a_scales = transform_quantize(x, transform, a_gs, f.value)
+    return _fp4_linear(x, a_codes, a_scales, transform, a_gs, w_codes, w_scales, w_gs, bias, f, out_dtype, cfg)
+
+
+def _fp4_linear(x, a_codes, a_scales, transform, a_gs, w_codes, w_scales, w_gs, bias, f: Format, out_dtype, cfg):
+    """Launch the split-K FP4 GEMM; activations from x (fused transform + quantize) or from their codes."""
+    _, _gemm = _mods()
+    fused = a_codes is None
+    src = x if fused else a_codes
+    m = src.shape[0]
+    n = w_codes.shape[0]
+    g = f.group_size
+    nb = w_scales.shape[1]
+    out = torch.empty((m, n), dtype=out_dtype, device=src.device)
     gn, gm = triton_cdiv(n, cfg.block_n), triton_cdiv(m, cfg.block_m)
     if cfg.split_k > 1:
-        part = torch.empty((cfg.split_k * gn * gm * cfg.block_n * cfg.block_m,), dtype=torch.float32, device=x.device)
-        locks = _locks(x.device, gn * gm)
+        part = torch.empty((cfg.split_k * gn * gm * cfg.block_n * cfg.block_m,), dtype=torch.float32, device=src.device)
+        locks = _locks(src.device, gn * gm)
     else:
         part = locks = out
-    ga = _mx_global(x.device) if f is Format.MXFP4 else _as_scalar_tensor(a_gs, x.device)
+    ga = _mx_global(src.device) if f is Format.MXFP4 else _as_scalar_tensor(a_gs, src.device)
+    if fused:
+        xa, stride, t, ac, asc, ieee = x, x.stride(0), transform, x, x, _dot_ieee(x, transform)
+    else:
+        xa, stride, t, ac, asc, ieee = a_codes, 0, a_codes, a_codes, a_scales, True
     _gemm._fp4_linear_kernel[(gn, gm, cfg.split_k)](
-        x, x.stride(0), transform, ga, w_codes, w_scales, _as_scalar_tensor(w_gs, x.device),
+        xa, stride, t, ga, ac, asc, w_codes, w_scales, _as_scalar_tensor(w_gs, src.device),
         bias if bias is not None else out, out, part, locks, m, n, nb, cfg.blocks_per_split,
-        FMT=_fmt_id(f), HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BN=cfg.block_n, BM=cfg.block_m,
-        NG=cfg.groups, G=g, DOT_IEEE=_dot_ieee(x, transform), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FMT=_fmt_id(f), A_FUSED=fused, HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BN=cfg.block_n,
+        BM=cfg.block_m, NG=cfg.groups, G=g, DOT_IEEE=ieee, USE_ASM=_use_asm(src.device),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
@@ -431,7 +467,7 @@ def _exact_rows(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, ou
         x, x.stride(0), transform, ga, w_codes, w_scales, _as_scalar_tensor(w_gs, x.device),
         bias if bias is not None else out, out, rows, count, m, n, k // g,
         IND_W=weights, FMT=_fmt_id(f), HAS_BIAS=bias is not None, BN=bn, BM=bm, NG=ng, G=g,
-        DOT_IEEE=_dot_ieee(x, transform), num_warps=4,
+        DOT_IEEE=_dot_ieee(x, transform), USE_ASM=_use_asm(x.device), num_warps=4,
     )
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: per-layer (``wush bench --layers``) and, later, end to end (``--e2e``)."""
