@@ -55,7 +55,8 @@ def quantize_model(model: nn.Module, config: WushConfig, *, include_lm_head: boo
     """Replace every eligible Linear of the decoder layers (and optionally lm_head) by a WushLinear."""
     done = []
     for name, mod in list(model.named_modules()):
-        if not isinstance(mod, nn.Linear) or not (name.startswith("model.layers") or (include_lm_head and name == "lm_head")):
+        wanted = name.startswith("model.layers") or (include_lm_head and name == "lm_head")
+        if not isinstance(mod, nn.Linear) or not wanted:
             continue
         if mod.in_features % config.group_size:
             continue  # stays in high precision
@@ -190,7 +191,8 @@ def test_round_trip_with_bias_and_high_precision_linears(tmp_path):
     assert not any("down_proj" in n for n in names)
     model.save_pretrained(tmp_path)
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert sorted(qc["modules_to_not_convert"]) == ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    high = ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert sorted(qc["modules_to_not_convert"]) == high
     assert qc["modules"]["model.layers.0.self_attn.q_proj"]["bias"] is True
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert loaded.model.layers[0].self_attn.q_proj.bias is not None
@@ -366,7 +368,9 @@ def test_checkpoint_without_checksums_still_loads(saved, tmp_path):
     assert torch.equal(logits(saved[0], ids()), logits(loaded, ids()))
 
 
-@pytest.mark.parametrize("tensor", [f"{Q}.weight_scales", f"{Q}.transform", f"{Q}.act_global_scale", "model.norm.weight"])
+@pytest.mark.parametrize(
+    "tensor", [f"{Q}.weight_scales", f"{Q}.transform", f"{Q}.act_global_scale", "model.norm.weight"]
+)
 def test_missing_tensor(saved, tmp_path, tensor):
     d = copy_ckpt(saved[1], tmp_path)
     path = _edit_tensors(d, lambda t: t.pop(tensor))
@@ -549,3 +553,58 @@ def test_demo_model_round_trip(tmp_path):
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert_same_state(model, loaded)
     assert torch.equal(logits(model, x), logits(loaded, x))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Other ways of loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_sharded_checkpoint(tmp_path):
+    model = tiny_llama(seed=4)
+    quantize_model(model, WushConfig(format="nvfp4", method="rtn", transform="wush"))
+    model.save_pretrained(tmp_path / "ok", max_shard_size="40KB")
+    shards = sorted(p.name for p in (tmp_path / "ok").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "ok" / "model.safetensors.index.json").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ok")
+    assert_same_state(model, loaded)
+    assert torch.equal(logits(model, ids()), logits(loaded, ids()))
+    # a tensor missing from one shard: named, with the checkpoint's directory
+    d = copy_ckpt(tmp_path / "ok", tmp_path / "bad")
+    tensor = f"{Q}.weight_scales"
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shard = d / index["weight_map"][tensor]
+    tensors = load_file(shard)
+    tensors.pop(tensor)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as err:
+        AutoModelForCausalLM.from_pretrained(d)
+    assert str(d) in str(err.value) and f"'{tensor}'" in str(err.value), str(err.value)
+
+
+def test_load_with_another_dtype_keeps_the_quantized_buffers(saved):
+    """dtype=bfloat16 casts the high-precision weights; the calibrated buffers stay exactly as saved."""
+    model, d = saved
+    loaded = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16)
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    for name, mod in model.named_modules():
+        if isinstance(mod, WushLinear):
+            got = loaded.get_submodule(name)
+            for buf_name, buf in mod.named_buffers():
+                assert getattr(got, buf_name).dtype == buf.dtype and torch.equal(getattr(got, buf_name), buf), name
+    assert torch.isfinite(logits(loaded, ids()).float()).all()
+
+
+def test_base_model_loads_from_a_causal_lm_checkpoint(tmp_path):
+    from transformers import AutoModel
+
+    model = tiny_llama(seed=6)
+    quantize_model(model, WushConfig(format="mxfp4", method="rtn"), include_lm_head=True)
+    model.save_pretrained(tmp_path)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(base.layers[0].self_attn.q_proj, WushLinear)
+    x = ids()
+    with torch.no_grad():
+        want = model.model(x).last_hidden_state
+        got = base(x).last_hidden_state
+    assert torch.equal(want, got)

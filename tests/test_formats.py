@@ -362,7 +362,8 @@ def test_mxfp4_value_formula():
     x = t32(rng.standard_normal((8, 64)))
     codes, scales, g = formats.quantize(x, "mxfp4")
     e = scales.double() - 127
-    vals = torch.tensor([oracle_e2m1_value(c) for c in formats.unpack_fp4(codes).reshape(-1).tolist()]).reshape(8, 2, 32)
+    unpacked = formats.unpack_fp4(codes).reshape(-1).tolist()
+    vals = torch.tensor([oracle_e2m1_value(c) for c in unpacked]).reshape(8, 2, 32)
     exact = (vals.double() * (2.0**e)[..., None] / 3).reshape(8, 64)
     dec = formats.dequantize(codes, scales, g, "mxfp4").double()
     torch.testing.assert_close(dec, exact, rtol=2**-23, atol=0)
@@ -410,7 +411,11 @@ def test_property_matches_oracle(fmt, data):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    vals=st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6), min_size=16, max_size=16),
+    vals=st.lists(
+        st.floats(width=32, allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6),
+        min_size=16,
+        max_size=16,
+    ),
     g=st.sampled_from([0.1, 1e-3, 1.0, 37.5, 1e-30]),
 )
 def test_property_nvfp4_fixed_global_scale(vals, g):

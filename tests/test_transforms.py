@@ -59,7 +59,8 @@ def anisotropic_layer(n: int, k: int, tokens: int, seed: int) -> tuple[torch.Ten
     scale = torch.exp(torch.randn(k, generator=gen, dtype=torch.float64) * 1.2)
     scale[torch.randperm(k, generator=gen)[:3]] *= 30.0  # outlier channels
     x = (torch.randn(tokens, k, generator=gen, dtype=torch.float64) @ (torch.eye(k, dtype=torch.float64) + mix)) * scale
-    w = torch.randn(n, k, generator=gen, dtype=torch.float64) * torch.exp(torch.randn(k, generator=gen, dtype=torch.float64))
+    col_scale = torch.exp(torch.randn(k, generator=gen, dtype=torch.float64))
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64) * col_scale
     h = x.T @ x / tokens
     return w.float(), h
 
@@ -274,7 +275,8 @@ def _degenerate_cases(g: int):
     dead_block[:, g : 2 * g] = 0  # a whole block of dead channels
     dead_some = x.clone()
     dead_some[:, 3 : g + 5] = 0  # dead channels across a block boundary
-    low_rank = torch.randn(500, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, k, generator=gen, dtype=torch.float64)
+    low_rank = torch.randn(500, 2, generator=gen, dtype=torch.float64)
+    low_rank = low_rank @ torch.randn(2, k, generator=gen, dtype=torch.float64)
     three = x[:3]
     cases = {
         "dead block": (w, dead_block.T @ dead_block / 500),

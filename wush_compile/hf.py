@@ -366,8 +366,13 @@ def _resolve(model: nn.Module, name: str) -> tuple[str, nn.Module] | None:
 
 def replace_linears(model: nn.Module, qconfig: WushQuantizationConfig) -> int:
     """Swap every Linear listed in ``qconfig.modules`` for a meta-device WushLinear (no weight is allocated)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    is_base_model = getattr(model, "base_model", None) is model
     for name, entry in qconfig.modules.items():
         found = _resolve(model, name)
+        if found is None and is_base_model and prefix and not name.startswith(prefix + "."):
+            logger.info("wush: %s is a head module outside %s; not loaded", name, type(model).__name__)
+            continue
         if found is None:
             raise CheckpointError(
                 f"config.json quantization_config lists '{name}' as a quantized Linear, but {type(model).__name__} "
@@ -425,8 +430,8 @@ def verify_checksums(model: nn.Module, index: dict, qconfig: WushQuantizationCon
                 tensor = f"{name}.{buf_name}"
                 where = index.get(tensor, ("the checkpoint",))[0]
                 raise CheckpointError(
-                    f"{where}: tensor '{tensor}' does not match the CRC-32 recorded in config.json; the file is corrupt "
-                    "(or config.json belongs to another checkpoint) - copy or save it again"
+                    f"{where}: tensor '{tensor}' does not match the CRC-32 recorded in config.json; the file is "
+                    "corrupt (or config.json belongs to another checkpoint) - copy or save it again"
                 )
 
 
@@ -438,7 +443,9 @@ def _check_loaded(model: nn.Module) -> None:
         for buf_name in ("weight_global_scale", "act_global_scale"):
             v = getattr(mod, buf_name)
             if not bool(torch.isfinite(v)) or float(v) <= 0:
-                raise CheckpointError(f"tensor '{name}.{buf_name}' is {float(v)}; a global scale must be finite and > 0")
+                raise CheckpointError(
+                    f"tensor '{name}.{buf_name}' is {float(v)}; a global scale must be finite and > 0"
+                )
 
 
 def _untie_quantized_outputs(model: PreTrainedModel, names: Iterable[str]) -> None:
@@ -446,7 +453,8 @@ def _untie_quantized_outputs(model: PreTrainedModel, names: Iterable[str]) -> No
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     tied_modules = {k.removesuffix(".weight") for k in tied} | {v.removesuffix(".weight") for v in tied.values()}
     if set(names) & tied_modules:
-        for cfg in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
+        text_config = model.config.get_text_config()
+        for cfg in (model.config, text_config) if text_config is not model.config else (model.config,):
             if getattr(cfg, "tie_word_embeddings", False):
                 cfg.tie_word_embeddings = False
                 logger.info("quantized output embedding: tie_word_embeddings set to False")
