@@ -272,10 +272,14 @@ def dequantize(
     vals = _lut(E2M1_SIGNED_VALUES, codes.device)[unpack_fp4(codes).long()]  # (..., K)
     vals = vals.reshape(*codes.shape[:-1], k // gsz, gsz)  # (..., K/G, G)
     g = torch.as_tensor(global_scale, dtype=torch.float32, device=codes.device).reshape(())
-    # The product is exact in float64 and rounded once to fp32: the same value as the fp32 products wherever
-    # those stay finite, and no spurious overflow of code * 2**E when E is 126 or 127 (MXFP4).
-    out = (vals.double() * _scale_values(scales, fmt).double().unsqueeze(-1)) * g.double()
-    return out.reshape(*codes.shape[:-1], k).to(torch.float32).to(dtype)
+    sv = _scale_values(scales, fmt).unsqueeze(-1)  # (..., K/G, 1)
+    if fmt is Format.MXFP4 and bool(((scales >= E8M0_BIAS + _E_MAX - 1) & (scales != E8M0_NAN)).any()):
+        # code * 2**E overflows fp32 for E >= 126 before the 1/3 is applied; the float64 product is exact and
+        # rounded once, the same value the fp32 products give wherever they stay finite.
+        out = ((vals.double() * sv.double()) * g.double()).to(torch.float32)
+    else:
+        out = (vals * sv) * g  # vals * scale is exact; one rounding
+    return out.reshape(*codes.shape[:-1], k).to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, fmt: Format | str, global_scale=None) -> torch.Tensor:
