@@ -58,6 +58,19 @@ class WushLinear(nn.Module):
         else:
             self.bias = None
 
+    _FP32_BUFFERS = ("weight_global_scale", "act_global_scale")
+
+    def _apply(self, fn, recurse=True):
+        # ``model.to(torch.bfloat16)`` / ``.half()`` may change the model dtype (transform, bias), but the global
+        # scales are fp32 by definition (SPEC section 5): keep their exact fp32 values and follow only the device.
+        saved = {name: self._buffers.get(name) for name in self._FP32_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in saved.items():
+            new = self._buffers.get(name)
+            if old is not None and new is not None and new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
     @property
     def group_size(self) -> int:
         return self.fmt.group_size
