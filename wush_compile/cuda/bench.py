@@ -1,0 +1,221 @@
+"""Time the cubin path against torch on the GPU at hand: ``python -m wush_compile.cuda.bench [--json FILE]``.
+
+On Hopper (sm_90a) it times the row-scaled fp8 CUTLASS GEMM (``wush::cutlass_fp8_gemm``) against cuBLAS through
+``torch._scaled_mm`` with the same row-wise scales (the GEMM of the TRITON_FP8 route) and bf16 ``F.linear``, and
+the CUDA transform+quantize kernel against the Triton one; on Blackwell also the FP4 GEMM and linear. Every
+timed kernel is first checked against a reference on the same inputs. Prints where it ran and a table of
+median microseconds and ratios.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+#: (name, N, K): Llama-3.1-8B projections (KERNELS.md) and SmolLM2-135M's.
+LAYERS = (
+    ("llama8b.qkv", 6144, 4096),
+    ("llama8b.o", 4096, 4096),
+    ("llama8b.gate_up", 28672, 4096),
+    ("llama8b.down", 4096, 14336),
+    ("smollm2.gate_up", 3072, 576),
+    ("smollm2.down", 576, 1536),
+)
+MS = (1, 16, 128, 1024, 4096)
+
+
+@dataclasses.dataclass
+class Row:
+    layer: str
+    m: int
+    n: int
+    k: int
+    impl: str
+    us: float
+    tflops: float
+    graph_us: Optional[float] = None
+
+
+def _bench(fn: Callable[[], object], graph: bool) -> tuple[float, Optional[float]]:
+    import triton.testing as tt
+
+    us = tt.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+    gus = None
+    if graph:  # replayed from a CUDA graph: the GPU time without Python launch overhead
+        gus = tt.do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3
+    return us, gus
+
+
+def environment() -> dict:
+    import triton
+
+    dev = torch.cuda.current_device()
+    info = {
+        "gpu": torch.cuda.get_device_name(dev),
+        "capability": ".".join(map(str, torch.cuda.get_device_capability(dev))),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git_sha": os.environ.get("WUSH_GIT_SHA", "unknown"),
+    }
+    try:
+        import cuda.bindings as cb
+
+        info["cuda_python"] = getattr(cb, "__version__", "?")
+    except ImportError:
+        info["cuda_python"] = None
+    return info
+
+
+def bench_fp8_gemm(layers=LAYERS, ms=MS, check: bool = True) -> list[Row]:
+    """cutlass fp8 row-scaled GEMM vs torch._scaled_mm (row-wise) vs bf16 F.linear, bf16 output."""
+    from . import ops
+
+    rows: list[Row] = []
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for name, n, k in layers:
+        w = torch.randn(n, k, device=dev, generator=gen).to(torch.bfloat16)
+        wq = (w.float() * 8).to(torch.float8_e4m3fn)
+        sb = torch.rand(n, device=dev, generator=gen) + 0.5
+        for m in ms:
+            x = torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16)
+            xq = (x.float() * 8).to(torch.float8_e4m3fn)
+            sa = torch.rand(m, device=dev, generator=gen) + 0.5
+            one = torch.ones((), device=dev)
+            cut = lambda: ops.cutlass_fp8_gemm(xq, sa, wq, sb, one, one, None, torch.bfloat16)  # noqa: E731
+            cub = lambda: torch._scaled_mm(xq, wq.t(), scale_a=sa[:, None], scale_b=sb[None, :],  # noqa: E731
+                                           out_dtype=torch.bfloat16, use_fast_accum=False)
+            lin = lambda: F.linear(x, w)  # noqa: E731
+            if check:
+                ref = (xq.double() @ wq.double().t()) * sa.double()[:, None] * sb.double()[None, :]
+                for impl, fn in (("cutlass_fp8", cut), ("scaled_mm_fp8", cub)):
+                    err = ((fn().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+                    if not err < 2e-2:
+                        raise AssertionError(f"{impl} {name} M={m}: max error {err:.3g} of max |ref|")
+            flop = 2.0 * m * n * k
+            for impl, fn in (("bf16_linear", lin), ("scaled_mm_fp8", cub), ("cutlass_fp8", cut)):
+                us, gus = _bench(fn, graph=m <= 16)
+                rows.append(Row(name, m, n, k, impl, us, flop / us * 1e-6, gus))
+                logger.info("%s M=%d %s: %.1f us", name, m, impl, us)
+    return rows
+
+
+def bench_quantize(ms=(16, 4096), k=4096) -> list[dict]:
+    """CUDA transform+quantize (swizzled scales) vs the Triton kernel (row-major scales), bf16 activations."""
+    from . import ops
+    from ..ops import reference
+
+    out = []
+    dev = torch.device("cuda")
+    try:
+        from ..ops import kernels as tk
+    except Exception as exc:  # the Triton launchers are optional here
+        logger.info("Triton kernels not importable (%s): timing the CUDA kernel alone", exc)
+        tk = None
+    for fmt, g in (("mxfp4", 32), ("nvfp4", 16)):
+        t = torch.randn(k // g, g, g, device=dev).to(torch.bfloat16)
+        gs = torch.tensor(0.01, device=dev)
+        for m in ms:
+            x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+            codes, scales = ops.cutlass_transform_quantize(x, t, gs, fmt, False)
+            rc, rs = reference.transform_quantize_ref(x.cpu(), t.cpu(), gs.cpu(), fmt)
+            match = (codes.cpu() == rc).float().mean().item(), (scales.cpu() == rs).float().mean().item()
+            moved = m * k * 2 + m * k // 2 + m * k // g  # bytes read + written
+            impls = [("cuda_tq", lambda: ops.cutlass_transform_quantize(x, t, gs, fmt, True))]
+            if tk is not None:
+                impls.append(("triton_tq", lambda: tk.transform_quantize(x, t, gs, fmt)))
+            for impl, fn in impls:
+                us, gus = _bench(fn, graph=m <= 16)
+                out.append({"fmt": fmt, "m": m, "k": k, "impl": impl, "us": us, "graph_us": gus,
+                            "gb_s": moved / us * 1e-3, "codes_match": match[0], "scales_match": match[1]})
+    return out
+
+
+def bench_fp4(layers=LAYERS[:4], ms=MS) -> list[Row]:
+    """Blackwell only: the FP4 linear (fused quantize + block-scaled GEMM) vs bf16 F.linear."""
+    from . import ops
+    from .. import formats
+
+    rows = []
+    dev = torch.device("cuda")
+    for name, n, k in layers:
+        w = torch.randn(n, k, device=dev)
+        for fmt, g in (("mxfp4", 32), ("nvfp4", 16)):
+            wc, ws, wg = formats.quantize(w, fmt)
+            t = torch.eye(g, device=dev).expand(k // g, g, g).to(torch.bfloat16).contiguous()
+            ag = torch.tensor(formats.MXFP4_GLOBAL_SCALE if fmt == "mxfp4" else 0.01, device=dev)
+            wb = w.to(torch.bfloat16)
+            for m in ms:
+                x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+                fn = lambda: ops.linear(x, wc, ws, t, wg, ag, None, fmt)  # noqa: E731
+                us, gus = _bench(fn, graph=m <= 16)
+                rows.append(Row(name, m, n, k, f"cutlass_{fmt}_linear", us, 2.0 * m * n * k / us * 1e-6, gus))
+                if fmt == "mxfp4":
+                    us, gus = _bench(lambda: F.linear(x, wb), graph=m <= 16)
+                    rows.append(Row(name, m, n, k, "bf16_linear", us, 2.0 * m * n * k / us * 1e-6, gus))
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    by = {}
+    for r in rows:
+        by.setdefault((r.layer, r.m, r.n, r.k), {})[r.impl] = r
+    lines = ["| layer | M | bf16 us | scaled_mm fp8 us | cutlass fp8 us | cutlass / scaled_mm | cutlass / bf16 "
+             "| graph us (bf16 / scaled_mm / cutlass) |", "|---|---|---|---|---|---|---|---|"]
+    for (layer, m, n, k), d in by.items():
+        b, s, c = d.get("bf16_linear"), d.get("scaled_mm_fp8"), d.get("cutlass_fp8")
+        if not (b and s and c):
+            continue
+        g = " / ".join(f"{x.graph_us:.1f}" for x in (b, s, c)) if c.graph_us is not None else ""
+        lines.append(f"| {layer} {n}x{k} | {m} | {b.us:.1f} | {s.us:.1f} | {c.us:.1f} | {c.us / s.us:.2f} | "
+                     f"{c.us / b.us:.2f} | {g} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m wush_compile.cuda.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--json", default=None, help="write all measurements here")
+    p.add_argument("--quick", action="store_true", help="fewer shapes")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not torch.cuda.is_available():
+        sys.stderr.write("no CUDA device\n")
+        return 1
+    from . import available, fp8_available
+
+    env = environment()
+    result: dict = {"environment": env}
+    sys.stdout.write(json.dumps(env) + "\n")
+    layers = LAYERS[:2] + LAYERS[4:5] if args.quick else LAYERS
+    if fp8_available()[0]:
+        rows = bench_fp8_gemm(layers=layers)
+        result["fp8_gemm"] = [dataclasses.asdict(r) for r in rows]
+        sys.stdout.write(table(rows) + "\n")
+    if available()[0]:
+        rows = bench_fp4()
+        result["fp4_linear"] = [dataclasses.asdict(r) for r in rows]
+    result["quantize"] = bench_quantize()
+    for q in result["quantize"]:
+        sys.stdout.write(json.dumps(q) + "\n")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""Load the built cubins with cuda-python and launch their kernels on the current torch stream.
+
+- A cubin is loaded once per process with ``cuLibraryLoadData`` (a context-independent library); each kernel
+  is resolved once per device (``cuLibraryGetKernel`` + ``cuKernelGetFunction`` in that device's primary
+  context, the one torch uses) and its dynamic shared-memory limit raised once.
+- A CUTLASS GEMM's Params are built by its host library (``libwush_<source>.so``, ctypes) as opaque bytes and
+  passed as the kernel's one parameter; the loader checks their size against the cubin
+  (``cuKernelGetParamInfo``) so a host library and a cubin from different builds never meet.
+- Launches go to ``torch.cuda.current_stream()`` with ``cuLaunchKernelEx`` (cluster dimensions when the
+  variant has a cluster) and never synchronize the host, so they can be captured in a CUDA graph. The first
+  call of a kernel on a device loads it: do it once before capturing (the usual warm-up).
+
+Artifacts are found (:func:`artifact_dir`) in ``WUSH_CUDA_CUBIN_DIR`` (a build directory, or a directory of
+per-architecture build directories), then in the user cache (:mod:`.build`); if missing and the toolkit is
+present they are built there on first use, with a log line.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import dataclasses
+import functools
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from . import builder as _build
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CudaUnavailable",
+    "CudaLaunchError",
+    "WushGemmArgs",
+    "WushKernelInfo",
+    "WushQuantArgs",
+    "arch_for_capability",
+    "artifact_dir",
+    "find_artifact_dir",
+    "driver",
+    "gemm_kernel",
+    "quantize_kernel",
+    "launch",
+]
+
+ABI_VERSION = 1  # wush_gemm_abi.cuh WUSH_ABI_VERSION
+
+#: Compute capability -> the architecture whose cubins run on it (arch-specific "a" targets run on exactly one).
+_ARCH_OF_CAPABILITY = {cap: arch for arch, (cap, _) in _build.ARCHS.items()}
+
+
+class CudaUnavailable(RuntimeError):
+    """The cubin path cannot run here; the message says why and what would fix it."""
+
+
+class CudaLaunchError(RuntimeError):
+    """A kernel could not be prepared or launched (bad shape for the variant, driver error)."""
+
+
+class WushGemmArgs(ctypes.Structure):
+    _fields_ = [
+        ("m", ctypes.c_int64),
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("a", ctypes.c_void_p),
+        ("b", ctypes.c_void_p),
+        ("a_scale", ctypes.c_void_p),
+        ("b_scale", ctypes.c_void_p),
+        ("alpha_a", ctypes.c_void_p),
+        ("alpha_b", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("d", ctypes.c_void_p),
+        ("sm_count", ctypes.c_int32),
+        ("max_swizzle", ctypes.c_int32),
+    ]
+
+
+class WushKernelInfo(ctypes.Structure):
+    _fields_ = [
+        ("abi_version", ctypes.c_int32),
+        ("params_bytes", ctypes.c_int32),
+        ("block", ctypes.c_int32 * 3),
+        ("cluster", ctypes.c_int32 * 3),
+        ("smem_bytes", ctypes.c_int32),
+        ("min_cc", ctypes.c_int32),
+        ("tile", ctypes.c_int32 * 3),
+        ("align_k", ctypes.c_int32),
+        ("align_n", ctypes.c_int32),
+        ("sf_vec", ctypes.c_int32),
+    ]
+
+
+class WushQuantArgs(ctypes.Structure):
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("t", ctypes.c_void_p),
+        ("gs", ctypes.c_void_p),
+        ("codes", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("m", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("x_row_stride", ctypes.c_int64),
+        ("swizzled", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+    ]
+
+
+def arch_for_capability(capability: tuple[int, int]) -> Optional[str]:
+    """The build architecture whose cubins run on a device of this capability (None: none of ours)."""
+    return _ARCH_OF_CAPABILITY.get(tuple(capability))
+
+
+# ---------------------------------------------------------------- cuda-python
+
+
+@functools.lru_cache(maxsize=None)
+def driver() -> Any:
+    """``cuda.bindings.driver`` (cuda-python 12.6+), or the older ``cuda.cuda`` module, initialized."""
+    try:
+        from cuda.bindings import driver as drv
+    except ImportError:
+        try:
+            from cuda import cuda as drv  # cuda-python < 12.6
+        except ImportError as exc:
+            raise CudaUnavailable(
+                "cuda-python is not installed (needed to load the cubins): pip install cuda-python"
+            ) from exc
+    try:
+        result = drv.cuInit(0)
+    except Exception as exc:  # cuda-python finds no driver library (no GPU driver installed)
+        raise CudaUnavailable(f"cuda-python found no CUDA driver: {exc}") from exc
+    _check(drv, result, "cuInit")
+    return drv
+
+
+def _check(drv: Any, result: Any, what: str) -> Any:
+    """Unpack a cuda-python (err, *values) result, raising CudaLaunchError with the driver's error name."""
+    if isinstance(result, tuple):
+        err, values = result[0], result[1:]
+    else:
+        err, values = result, ()
+    if int(err) != 0:
+        name = str(err)
+        try:
+            e2, text = drv.cuGetErrorName(err)
+            if int(e2) == 0:
+                name = text.decode() if isinstance(text, bytes) else str(text)
+        except Exception:  # the name is only decoration
+            pass
+        raise CudaLaunchError(f"{what} failed: {name} ({int(err)})")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+def _manifest(d: Path) -> Optional[dict]:
+    try:
+        return json.loads((d / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def find_artifact_dir(arch: str) -> tuple[Optional[Path], str]:
+    """(directory, reason): a build directory for ``arch`` whose manifest matches the current kernel sources."""
+    want = _build.source_hash()
+    env = os.environ.get("WUSH_CUDA_CUBIN_DIR")
+    if env:
+        root = Path(env)
+        for d in (root, root / arch):
+            m = _manifest(d)
+            if m is None or m.get("arch") != arch:
+                continue
+            if m.get("source_hash") != want:
+                return None, (
+                    f"WUSH_CUDA_CUBIN_DIR={env} holds {arch} artifacts built from other kernel sources "
+                    f"(hash {str(m.get('source_hash'))[:12]}, these sources {want[:12]}); rebuild them with "
+                    f"python -m wush_compile.cuda.build --arch {arch} --out {d}"
+                )
+            return d, f"{arch} artifacts in {d} (WUSH_CUDA_CUBIN_DIR)"
+        return None, f"WUSH_CUDA_CUBIN_DIR={env} has no manifest.json for {arch} (in it or in {arch}/)"
+    roots = [Path(__file__).resolve().parent / "prebuilt", _build.cache_root()]
+    found = []
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for d in root.iterdir():
+            if d.is_dir() and (d.name == arch or d.name.startswith(f"{arch}-")):
+                m = _manifest(d)
+                if m is not None and m.get("arch") == arch and m.get("source_hash") == want:
+                    found.append(d)
+    if found:
+        best = max(found, key=lambda d: len(_manifest(d).get("files", [])))
+        return best, f"{arch} artifacts in {best}"
+    return None, f"no {arch} artifacts built from these kernel sources in {' or '.join(map(str, roots))}"
+
+
+_BUILD_LOCK = threading.Lock()
+
+
+def artifact_dir(arch: str, needed: Sequence[str]) -> Path:
+    """A directory holding the files ``needed`` for ``arch``, building them on first use if the toolkit is here."""
+    with _BUILD_LOCK:
+        d, reason = find_artifact_dir(arch)
+        if d is not None and all((d / f).is_file() for f in needed):
+            return d
+        if os.environ.get("WUSH_CUDA_CUBIN_DIR"):
+            missing = [f for f in needed if d is None or not (d / f).is_file()]
+            raise CudaUnavailable(f"{reason}; missing {missing}")
+        try:
+            toolchain = _build.find_toolchain()
+        except _build.BuildError as exc:
+            raise CudaUnavailable(f"{reason}, and they cannot be built here: {exc}") from exc
+        by_file = {t.filename: t.name for t in _build.targets(arch)}
+        only = sorted({by_file[f] for f in needed})
+        logger.warning(
+            "building the %s CUDA kernels %s on first use with nvcc %s (CUTLASS kernels take minutes; prebuild with "
+            "`python -m wush_compile.cuda.build --arch %s`)", arch, only, toolchain.version_text, arch,
+        )
+        return _build.build([arch], only=only, toolchain=toolchain)[arch]
+
+
+# ---------------------------------------------------------------- cubins
+
+
+class _Cubin:
+    """One cubin: loaded once per process, each kernel resolved once per device."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._library = None
+        self._functions: dict[tuple[str, int], Any] = {}
+        self._lock = threading.Lock()
+
+    def function(self, name: str, device_index: int, smem_bytes: int, params_bytes: Optional[int]) -> Any:
+        key = (name, device_index)
+        fn = self._functions.get(key)
+        if fn is not None:
+            return fn
+        with self._lock:
+            fn = self._functions.get(key)
+            if fn is not None:
+                return fn
+            drv = driver()
+            if self._library is None:
+                data = self.path.read_bytes()
+                self._library = _check(drv, drv.cuLibraryLoadData(data, None, None, 0, None, None, 0),
+                                       f"cuLibraryLoadData({self.path.name})")
+                logger.info("loaded %s", self.path)
+            kernel = _check(drv, drv.cuLibraryGetKernel(self._library, name.encode()),
+                            f"cuLibraryGetKernel({name}) in {self.path.name}")
+            if params_bytes is not None:
+                _check_param_size(drv, kernel, name, params_bytes)
+            with torch.cuda.device(device_index):
+                torch.cuda.current_stream()  # makes torch's primary context current on this thread
+                fn = _check(drv, drv.cuKernelGetFunction(kernel), f"cuKernelGetFunction({name})")
+                if smem_bytes > 48 * 1024:
+                    _check(drv, drv.cuFuncSetAttribute(
+                        fn, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(smem_bytes)),
+                        f"cuFuncSetAttribute({name}, max dynamic shared memory = {smem_bytes})")
+            self._functions[key] = fn
+            return fn
+
+
+def _check_param_size(drv: Any, kernel: Any, name: str, params_bytes: int) -> None:
+    if not hasattr(drv, "cuKernelGetParamInfo"):
+        return
+    result = drv.cuKernelGetParamInfo(kernel, 0)
+    if int(result[0]) != 0:  # drivers before 12.4 lack it: nothing to check against
+        logger.debug("cuKernelGetParamInfo unavailable for %s (%s)", name, result[0])
+        return
+    size = int(result[2])
+    if size != params_bytes:
+        raise CudaLaunchError(
+            f"{name}: the cubin's parameter is {size} bytes but the host library builds {params_bytes}; the two "
+            "come from different builds - rebuild with python -m wush_compile.cuda.build --force"
+        )
+
+
+_CUBINS: dict[Path, _Cubin] = {}
+_CUBINS_LOCK = threading.Lock()
+
+
+def _cubin(path: Path) -> _Cubin:
+    with _CUBINS_LOCK:
+        c = _CUBINS.get(path)
+        if c is None:
+            c = _CUBINS[path] = _Cubin(path)
+        return c
+
+
+def launch(
+    fn: Any,
+    grid: Sequence[int],
+    block: Sequence[int],
+    smem_bytes: int,
+    stream: int,
+    params: "ctypes.Array | ctypes.Structure",
+    cluster: Sequence[int] = (1, 1, 1),
+) -> None:
+    """Launch ``fn`` with one by-value parameter whose bytes are ``params``, on the raw stream handle ``stream``."""
+    drv = driver()
+    arg_ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+    config = drv.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = (int(v) for v in grid)
+    config.blockDimX, config.blockDimY, config.blockDimZ = (int(v) for v in block)
+    config.sharedMemBytes = int(smem_bytes)
+    config.hStream = drv.CUstream(int(stream))
+    if tuple(cluster) != (1, 1, 1):
+        attr = drv.CUlaunchAttribute()
+        attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = (int(v) for v in cluster)
+        config.attrs = [attr]
+        config.numAttrs = 1
+    else:
+        config.numAttrs = 0
+    _check(drv, drv.cuLaunchKernelEx(config, fn, ctypes.addressof(arg_ptrs), 0), "cuLaunchKernelEx")
+
+
+# ---------------------------------------------------------------- host libraries and kernels
+
+
+class _HostLibrary:
+    def __init__(self, path: Path):
+        self.path = path
+        self.lib = ctypes.CDLL(str(path))
+        self.lib.wush_abi_version.restype = ctypes.c_int
+        self.lib.wush_last_error.restype = ctypes.c_char_p
+        got = self.lib.wush_abi_version()
+        if got != ABI_VERSION:
+            raise CudaLaunchError(f"{path.name} speaks ABI {got}, this loader {ABI_VERSION}; rebuild the kernels")
+        size = self.lib.wush_gemm_args_bytes()
+        if size != ctypes.sizeof(WushGemmArgs):
+            raise CudaLaunchError(
+                f"{path.name} reads WushGemmArgs of {size} bytes, the loader writes {ctypes.sizeof(WushGemmArgs)}"
+            )
+
+    def last_error(self) -> str:
+        return (self.lib.wush_last_error() or b"").decode(errors="replace")
+
+    def info(self, variant: str) -> WushKernelInfo:
+        fn = getattr(self.lib, f"wush_{variant}_info")
+        out = WushKernelInfo()
+        if fn(ctypes.byref(out)) != 0:
+            raise CudaLaunchError(f"wush_{variant}_info failed: {self.last_error()}")
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def _host_library(path: Path) -> _HostLibrary:
+    return _HostLibrary(path)
+
+
+@dataclasses.dataclass
+class GemmKernel:
+    """A CUTLASS GEMM variant: host library (Params) + cubin (kernel)."""
+
+    variant: str
+    arch: str
+    host: _HostLibrary
+    cubin: _Cubin
+    info: WushKernelInfo
+    _prepared: "collections.OrderedDict[bytes, tuple[ctypes.Array, tuple[int, int, int]]]" = dataclasses.field(
+        default_factory=collections.OrderedDict
+    )
+
+    _CACHE_SIZE = 512
+
+    def prepare(self, args: WushGemmArgs) -> tuple[ctypes.Array, tuple[int, int, int]]:
+        """(Params bytes, grid) for ``args``; memoized on the argument bytes (pointers and shapes)."""
+        key = bytes(args)
+        hit = self._prepared.get(key)
+        if hit is not None:
+            self._prepared.move_to_end(key)
+            return hit
+        params = ctypes.create_string_buffer(self.info.params_bytes)
+        grid = (ctypes.c_int32 * 3)()
+        workspace = ctypes.c_int64(0)
+        fn = getattr(self.host.lib, f"wush_{self.variant}_prepare")
+        rc = fn(ctypes.byref(args), params, ctypes.c_int64(self.info.params_bytes), grid, ctypes.byref(workspace))
+        if rc != 0:
+            raise CudaLaunchError(f"{self.variant}: {self.host.last_error()} (code {rc})")
+        hit = (params, (grid[0], grid[1], grid[2]))
+        self._prepared[key] = hit
+        if len(self._prepared) > self._CACHE_SIZE:
+            self._prepared.popitem(last=False)
+        return hit
+
+    def run(self, args: WushGemmArgs, device_index: int, stream: int) -> None:
+        params, grid = self.prepare(args)
+        fn = self.cubin.function(f"wush_{self.variant}_kernel", device_index, self.info.smem_bytes,
+                                 self.info.params_bytes)
+        launch(fn, grid, tuple(self.info.block), self.info.smem_bytes, stream, params, tuple(self.info.cluster))
+
+
+_GEMMS: dict[tuple[str, str], GemmKernel] = {}
+_GEMMS_LOCK = threading.Lock()
+
+
+def gemm_kernel(arch: str, variant: str) -> GemmKernel:
+    """The GEMM ``variant`` (e.g. ``fp4_sm100_mxfp4_bf16``) for ``arch``, built on first use if needed."""
+    key = (arch, variant)
+    k = _GEMMS.get(key)
+    if k is not None:
+        return k
+    with _GEMMS_LOCK:
+        k = _GEMMS.get(key)
+        if k is not None:
+            return k
+        by_name = {t.name: t for t in _build.targets(arch)}
+        if variant not in by_name:
+            raise CudaUnavailable(f"no GEMM variant {variant!r} for {arch}; known: {sorted(by_name)}")
+        target = by_name[variant]
+        host_target = next(t for t in _build.targets(arch) if t.kind == "host")
+        d = artifact_dir(arch, [target.filename, host_target.filename])
+        host = _host_library(d / host_target.filename)
+        info = host.info(variant)
+        k = _GEMMS[key] = GemmKernel(variant, arch, host, _cubin(d / target.filename), info)
+        logger.info(
+            "%s: tile %s, cluster %s, %d threads, %d B shared memory, %d B params",
+            variant, tuple(info.tile), tuple(info.cluster), info.block[0], info.smem_bytes, info.params_bytes,
+        )
+        return k
+
+
+def quantize_kernel(arch: str, name: str, device_index: int, smem_bytes: int) -> Any:
+    """The transform+quantize kernel ``name`` (e.g. ``wush_tq_mxfp4_bf16``) on a device."""
+    target = next(t for t in _build.targets(arch) if t.kind == "quantize")
+    d = artifact_dir(arch, [target.filename])
+    return _cubin(d / target.filename).function(name, device_index, smem_bytes, ctypes.sizeof(WushQuantArgs))
