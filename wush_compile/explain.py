@@ -208,9 +208,14 @@ def explain(
     compile_options: Optional[dict[str, Any]] = None,
     fullgraph: bool = False,
     dynamic: Optional[bool] = None,
+    reset: bool = True,
     **example_kwargs: Any,
 ) -> ExplainReport:
     """Compile ``model`` with ``backend="wush"``, run it once on the example inputs (no grad), and report.
+
+    Like ``torch._dynamo.explain``, this starts with ``torch._dynamo.reset()`` so that dynamo compiles afresh
+    instead of reusing a cached graph (other compiled functions recompile on their next call); pass
+    ``reset=False`` to keep the caches (the report is then empty when the graph was cached).
 
     Args:
         model: the (calibrated) model.
@@ -218,9 +223,12 @@ def explain(
         compile_mode, compile_options: ``mode=`` / ``options=`` of torch.compile (ours and Inductor's;
             ``{"inductor": False}`` skips Inductor's code generation and runs the rewritten graph eagerly).
         fullgraph, dynamic: as in torch.compile.
+        reset: ``torch._dynamo.reset()`` first (see above).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"explain expects an nn.Module, got {type(model).__name__}")
+    if reset:
+        torch._dynamo.reset()
     compiled = torch.compile(model, backend="wush", mode=compile_mode, options=compile_options,
                              fullgraph=fullgraph, dynamic=dynamic)
     with collect_results() as graphs, torch.no_grad():
