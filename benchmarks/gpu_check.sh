@@ -19,5 +19,5 @@ y = torch._scaled_mm(a, b.t(), scale_a=torch.ones(64, 1, device="cuda"), scale_b
 print("_scaled_mm row-wise (M,1)x(1,N) ->", tuple(y.shape), y.dtype)
 PYEOF
 } 2>&1 | tee "$OUT/env.txt"
-timeout 240 $PY -m pytest -q -rA tests/ops -s -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -60
-timeout ${BENCH_TIMEOUT:-330} $PY benchmarks/bench_layers.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+timeout 150 $PY -m pytest -q -rA tests/ops -s -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -60
+timeout ${BENCH_TIMEOUT:-400} $PY benchmarks/bench_layers.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"

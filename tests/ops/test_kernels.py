@@ -57,7 +57,9 @@ def test_transform_quantize_bit_exact(fmt, dtype):
     c, s = kernels.transform_quantize(x, t, ags, fmt)
     cr, sr = reference.transform_quantize_ref(x, t, ags, fmt)
     assert torch.equal(s, sr), f"{(s != sr).sum()} scale bytes differ"
-    assert torch.equal(c, cr), f"{(c != cr).sum()} code bytes differ"
+    bad = (c != cr).nonzero()[:6].tolist()
+    info = [(r, b, int(c[r, b]), int(cr[r, b]), int(sr[r, 2 * b // g]), x[r, 2 * b : 2 * b + 2].tolist()) for r, b in bad]
+    assert torch.equal(c, cr), f"{(c != cr).sum()} code bytes differ: (row, byte, kernel, ref, scale, x) {info}"
 
 
 @pytest.mark.parametrize("fmt", FMTS)
@@ -196,25 +198,27 @@ def test_split_k_fixup_is_deterministic_and_rearms():
     t = torch.linalg.qr(torch.randn(k // g, g, g, generator=gen))[0].to(DEV)
     codes, scales, w_gs = _weights(n, k, fmt, gen)
     a_gs = _act_gs(fmt)
-    tiles = kernels.linear_tiles(m, n, k, fmt, sms=64)
-    assert tiles.split_k > 1 and tiles.split_k * tiles.blocks_per_split >= k // g
-    outs = [kernels._decode_linear(x, codes, scales, t, w_gs, a_gs, None, Format.MXFP4, torch.float32, tiles)
-            for _ in range(3)]
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
     ref = _ref64(x, codes, scales, t, w_gs, a_gs, None, fmt)
-    assert float((outs[0].double() - ref).norm() / ref.norm()) < 1e-5
+    for fused in (False, True):
+        tiles = kernels.linear_tiles(m, n, k, fmt, sms=64, block_k=128, fused_act=fused)
+        assert tiles.split_k > 1
+        outs = [kernels._decode_linear(x, codes, scales, t, w_gs, a_gs, None, Format.MXFP4, torch.float32, tiles)
+                for _ in range(3)]
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+        assert float((outs[0].double() - ref).norm() / ref.norm()) < 1e-5
 
 
 def test_tile_heuristics_are_pure_and_cover_k():
     for (m, n, k) in [(1, 4096, 4096), (16, 28672, 4096), (7, 70, 96), (128, 4096, 14336)]:
         for fmt in FMTS:
-            a = kernels.linear_tiles(m, n, k, fmt)
-            assert a == kernels.linear_tiles(m, n, k, fmt)
-            nb = k // _g(fmt)
-            assert a.blocks_per_split % a.groups == 0
-            assert (a.split_k - 1) * a.blocks_per_split < nb <= a.split_k * a.blocks_per_split
-            with pytest.raises(dataclasses_error()):
-                a.split_k = 3  # frozen
+            for fused in (False, True):
+                a = kernels.linear_tiles(m, n, k, fmt, fused_act=fused)
+                assert a == kernels.linear_tiles(m, n, k, fmt, fused_act=fused)
+                steps = math.ceil(k / a.block_k)
+                assert a.block_k % _g(fmt) == 0
+                assert (a.split_k - 1) * a.steps_per_split < steps <= a.split_k * a.steps_per_split
+                with pytest.raises(dataclasses_error()):
+                    a.split_k = 3  # frozen
 
 
 def dataclasses_error():

@@ -16,6 +16,7 @@ def register(subparsers) -> None:
                    help="layer shape(s) to run (default: all of qkv, o, gate_up, down, 70b_down)")
     p.add_argument("--m", type=int, action="append", default=None, help="token counts M (default 1 16 128 2048 8192)")
     p.add_argument("--fmt", action="append", default=None, choices=["mxfp4", "nvfp4"], help="formats (default both)")
+    p.add_argument("--sweep", action="store_true", help="first time the decode tile candidates (layers.SWEEP)")
     p.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for JSON + PNG (default out/bench)")
     p.set_defaults(func=_run)
 
@@ -31,5 +32,5 @@ def _run(args: argparse.Namespace) -> int:
         logger.error("wush bench: unknown layer(s) %s; choose from %s", unknown, sorted(layers.LAYERS))
         return 2
     layers.run(layers=args.layer, ms=tuple(args.m or layers.MS), fmts=tuple(args.fmt or layers.FORMATS),
-               out_dir=args.out)
+               out_dir=args.out, do_sweep=args.sweep)
     return 0

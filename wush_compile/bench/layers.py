@@ -84,12 +84,13 @@ def routes_for(m: int, fmt: Format) -> dict:
     """Route name -> callable(x, layer) for this M and format."""
     out = {}
     if m <= DECODE_BENCH_MAX_M:
-        out["decode_fused"] = lambda x, L: kernels.linear(
+        out["decode"] = lambda x, L: kernels.linear(
             x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt.value, KernelChoice.TRITON_DECODE)
-        out["decode_2pass"] = lambda x, L: kernels._decode_linear(
-            x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt, x.dtype,
-            kernels.linear_tiles(x.shape[0], L.w_codes.shape[0], x.shape[1], fmt,
-                                 kernels._sm_count(x.device), fused_act=False))
+        if fmt is Format.MXFP4 and m <= 16:
+            out["decode_fused"] = lambda x, L: kernels._decode_linear(
+                x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt, x.dtype,
+                kernels.linear_tiles(x.shape[0], L.w_codes.shape[0], x.shape[1], fmt,
+                                     kernels._sm_count(x.device), fused_act=True))
     if m >= PREFILL_BENCH_MIN_M:
         if fmt is Format.MXFP4:
             out["fp8"] = lambda x, L: kernels.linear(
@@ -105,7 +106,7 @@ def _min_bytes(m, n, k, fmt: Format | None) -> float:
     return 2 * m * k + 2 * m * n + w_bytes
 
 
-def run(layers=None, ms=MS, fmts=FORMATS, out_dir: Path | None = None, seed: int = 0) -> dict:
+def run(layers=None, ms=MS, fmts=FORMATS, out_dir: Path | None = None, seed: int = 0, do_sweep: bool = False) -> dict:
     """Run the benchmark; returns {env, ceilings, rows, quant}; writes JSON + PNG into out_dir."""
     if not torch.cuda.is_available():
         raise RuntimeError("wush bench --layers needs a CUDA GPU (none is visible)")
@@ -118,6 +119,7 @@ def run(layers=None, ms=MS, fmts=FORMATS, out_dir: Path | None = None, seed: int
           f"fp8 row-wise 8192^3 {ceil['fp8_tflops']:.0f} TFLOP/s", flush=True)
     rows = []
     quant = []
+    sweep = sweep_decode() if do_sweep else []
     names = layers or list(LAYERS)
     for name in names:
         n, k = LAYERS[name]
@@ -175,7 +177,7 @@ def run(layers=None, ms=MS, fmts=FORMATS, out_dir: Path | None = None, seed: int
             if k in (4096, 14336) and 8192 in ms:
                 quant.extend(_bench_quant(k, fmt, Ls[0], ceil, gen))
             del Ls
-    result = {"env": env, "ceilings": ceil, "rows": rows, "quant": quant}
+    result = {"env": env, "ceilings": ceil, "rows": rows, "quant": quant, "sweep": sweep}
     print(format_table(result), flush=True)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -183,6 +185,40 @@ def run(layers=None, ms=MS, fmts=FORMATS, out_dir: Path | None = None, seed: int
         best_rows = [r for r in rows if r.get("route") == "best"]
         common.plot_speedups(best_rows, out_dir / "bench_layers.png", common.header(env))
     return result
+
+
+#: Decode tile candidates swept at the start of a run: (block_n, block_k, programs per SM, warps).
+SWEEP = ((64, 256, 4, 4), (128, 256, 4, 8), (64, 128, 4, 4), (64, 256, 2, 4), (64, 256, 8, 4), (32, 256, 4, 4))
+
+
+def sweep_decode(names=("qkv", "o", "gate_up", "down"), ms=(1, 16), seed: int = 1) -> list[dict]:
+    """Time the decode GEMM over SWEEP's tile candidates (input to linear_tiles' defaults)."""
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    out = []
+    for name in names:
+        n, k = LAYERS[name]
+        for fmt_name in FORMATS:
+            fmt = Format.parse(fmt_name)
+            nrot = common.rotations(int(n * k * 0.56), cap=8)
+            Ls = [make_layer(n, k, fmt, dev, gen) for _ in range(nrot)]
+            for m in ms:
+                xs = [torch.randn(m, k, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(nrot)]
+                res = []
+                for bn, bk, pps, nw in SWEEP:
+                    cfg = kernels.linear_tiles(m, n, k, fmt, kernels._sm_count(dev), block_n=bn, block_k=bk,
+                                               programs_per_sm=pps, num_warps=nw)
+                    fns = [(lambda i=i: kernels._decode_linear(xs[i], Ls[i].w_codes, Ls[i].w_scales, Ls[i].transform,
+                                                              Ls[i].w_gs, Ls[i].a_gs, None, fmt, torch.bfloat16, cfg))
+                           for i in range(nrot)]
+                    us = common.bench_us(fns, graph=True)
+                    res.append(us)
+                    out.append(dict(layer=name, fmt=fmt_name, m=m, block_n=bn, block_k=bk, programs_per_sm=pps,
+                                    num_warps=nw, split_k=cfg.split_k, us=us))
+                print(f"sweep {name:>8} {fmt_name} M={m:>2}: " + "  ".join(
+                    f"{c[0]}/{c[1]}/{c[2]}/{c[3]}={u:.1f}" for c, u in zip(SWEEP, res)), flush=True)
+            del Ls
+    return out
 
 
 def _ceilings() -> dict:

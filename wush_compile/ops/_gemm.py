@@ -243,56 +243,135 @@ def _fp4_linear_exact_kernel(
 
 
 @triton.jit
-def _expand_weight_fp8_kernel(
-    w_ptr, ws_ptr, ga_ptr, gw_ptr, q_ptr, col_scale_ptr, count_ptr, list_ptr, stats_ptr, N, NB,
-    BN: tl.constexpr, NG: tl.constexpr, G: tl.constexpr,
+def _expand_fp8_kernel(
+    c_ptr, s_ptr, g1_ptr, g2_ptr, q_ptr, row_scale_ptr, flag_ptr, count_ptr, list_ptr, stats_ptr, R, NB,
+    BR: tl.constexpr, NGC: tl.constexpr, NGS: tl.constexpr, G: tl.constexpr,
 ):
-    """MXFP4 weight rows -> row-folded e4m3 (N, K) + fp32 scales 2**R * (g_a * g_w) (N,).
+    """MXFP4 rows (packed codes + e8m0 bytes) -> row-folded e4m3 (R, K) + fp32 row scales 2**R_r * g1 * g2.
 
-    R = (largest group exponent) - 6; a row with a nonzero code in a group more than 14 binades below
-    its largest (or a NaN scale) is listed for the exact fallback.
+    Program (row block, chunk of NGC blocks). R_r = (largest group exponent of the row) - 6, from all the
+    row's scale bytes; a group's codes become code * 2**(E - R_r), exact in e4m3 for E - R_r >= -8. A row with
+    a nonzero code in a group below that (or a NaN scale) is listed once (``flag_ptr`` dedups across chunks)
+    for the exact fallback.
     """
-    pid = tl.program_id(0)
-    rows = pid * BN + tl.arange(0, BN)
-    rmask = rows < N
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BR + tl.arange(0, BR)
+    rmask = rows < R
     rows64 = rows.to(tl.int64)
-    bmax = tl.zeros((BN,), tl.int32)
-    nbad = tl.zeros((BN,), tl.int32)
-    for blk0 in range(0, NB, NG):
-        blk = blk0 + tl.arange(0, NG)
+    bmax = tl.zeros((BR,), tl.int32)
+    nbad = tl.zeros((BR,), tl.int32)
+    for blk0 in range(0, NB, NGS):
+        blk = blk0 + tl.arange(0, NGS)
         m2 = rmask[:, None] & (blk < NB)[None, :]
-        sb = tl.load(ws_ptr + rows64[:, None] * NB + blk[None, :], mask=m2, other=0).to(tl.int32)  # (BN, NG)
+        sb = tl.load(s_ptr + rows64[:, None] * NB + blk[None, :], mask=m2, other=0).to(tl.int32)  # (BR, NGS)
         bad = sb == 255
         bmax = tl.maximum(bmax, tl.max(tl.where(bad, 0, sb), axis=1))
         nbad += tl.sum(bad.to(tl.int32), axis=1)
     r = bmax - 127 - 6
-    viol = tl.zeros((BN,), tl.int32)
+    blk = pid_c * NGC + tl.arange(0, NGC)
+    m2 = rmask[:, None] & (blk < NB)[None, :]
+    sb = tl.load(s_ptr + rows64[:, None] * NB + blk[None, :], mask=m2, other=0).to(tl.int32)  # (BR, NGC)
+    d = tl.maximum(sb - 127 - r[:, None], -100)
     jj = tl.arange(0, G // 2)
-    for blk0 in range(0, NB, NG):
-        blk = blk0 + tl.arange(0, NG)
-        m2 = rmask[:, None] & (blk < NB)[None, :]
-        sb = tl.load(ws_ptr + rows64[:, None] * NB + blk[None, :], mask=m2, other=0).to(tl.int32)
-        d = tl.maximum(sb - 127 - r[:, None], -100)  # (BN, NG)
-        m3 = m2[:, :, None]
-        wb = tl.load(w_ptr + rows64[:, None, None] * (NB * (G // 2)) + blk[None, :, None] * (G // 2) + jj[None, None, :],
-                     mask=m3, other=0)  # (BN, NG, G/2) uint8
-        nz = ((wb & 0x77) != 0).to(tl.int32)
-        viol += tl.sum(tl.sum(nz * (d < -8).to(tl.int32)[:, :, None], axis=2), axis=1)
-        f = pow2(d + 6)[:, :, None]
-        lo = (e2m1_to_f16(wb & 15).to(tl.float32) * f).to(tl.float8e4nv)
-        hi = (e2m1_to_f16(wb >> 4).to(tl.float32) * f).to(tl.float8e4nv)
-        q = tl.reshape(tl.join(lo, hi), (BN, NG, G))
-        j = tl.arange(0, G)
-        tl.store(q_ptr + rows64[:, None, None] * (NB * G) + blk[None, :, None] * G + j[None, None, :], q, mask=m3)
-    gscale = tl.load(ga_ptr) * tl.load(gw_ptr)
-    tl.store(col_scale_ptr + rows64, pow2(r) * gscale, mask=rmask)
-    flag = ((viol > 0) | (nbad > 0)) & rmask
-    nflag = tl.sum(flag.to(tl.int32), axis=0)
-    base = tl.atomic_add(count_ptr, nflag)
-    slot = base + tl.cumsum(flag.to(tl.int32), axis=0) - 1
-    tl.store(list_ptr + slot, rows, mask=flag)
-    tl.atomic_add(stats_ptr, nflag)
-    tl.atomic_add(stats_ptr + 1, tl.sum(rmask.to(tl.int32), axis=0))
+    m3 = m2[:, :, None]
+    cb = tl.load(c_ptr + rows64[:, None, None] * (NB * (G // 2)) + blk[None, :, None] * (G // 2) + jj[None, None, :],
+                 mask=m3, other=0)  # (BR, NGC, G/2) uint8
+    nz = ((cb & 0x77) != 0).to(tl.int32)
+    viol = tl.sum(tl.sum(nz * (d < -8).to(tl.int32)[:, :, None], axis=2), axis=1)
+    f = pow2(d + 6)[:, :, None]
+    lo = (e2m1_to_f16(cb & 15).to(tl.float32) * f).to(tl.float8e4nv)
+    hi = (e2m1_to_f16(cb >> 4).to(tl.float32) * f).to(tl.float8e4nv)
+    q = tl.reshape(tl.join(lo, hi), (BR, NGC, G))
+    j = tl.arange(0, G)
+    tl.store(q_ptr + rows64[:, None, None] * (NB * G) + blk[None, :, None] * G + j[None, None, :], q, mask=m3)
+    first = pid_c == 0
+    if first:
+        gscale = tl.load(g1_ptr) * tl.load(g2_ptr)
+        tl.store(row_scale_ptr + rows64, pow2(r) * gscale, mask=rmask)
+        tl.atomic_add(stats_ptr + 1, tl.sum(rmask.to(tl.int32), axis=0))
+    nbad_here = tl.where(first, nbad, 0)
+    flag = ((viol + nbad_here) > 0) & rmask
+    old = tl.atomic_xchg(flag_ptr + rows, tl.full((BR,), 1, tl.int32), mask=flag)
+    new = flag & (old == 0)
+    nnew = tl.sum(new.to(tl.int32), axis=0)
+    base = tl.atomic_add(count_ptr, nnew)
+    slot = base + tl.cumsum(new.to(tl.int32), axis=0) - 1
+    tl.store(list_ptr + slot, rows, mask=new)
+    tl.atomic_add(stats_ptr, nnew)
+
+
+@triton.jit
+def _fp4_gemv_kernel(
+    a_ptr, a_scale_ptr, w_ptr, ws_ptr, ga_ptr, gw_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
+    M, N, NB, NSTEP, STEP_PER_SPLIT,
+    FMT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, USE_ASM: tl.constexpr,
+):
+    """Decode GEMM on step-folded fp16 activations (see ``_quantize_act_f16_kernel``), swap-AB, split-K.
+
+    Per K step of BK columns: FP4 weights -> fp16 code * 2**(E_g - E_step) (MXFP4) or code * s_g (NVFP4),
+    exact; one fp16 MMA over the step (fp32 accumulation); MXFP4 multiplies the step's fp32 result by
+    2**E_step(weight row) * 2**E_step(token) - a power of two, exact.
+    """
+    NGS: tl.constexpr = BK // G
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    wn = pid_n * BN + tl.arange(0, BN)
+    w_mask = wn < N
+    tok = pid_m * BM + tl.arange(0, BM)
+    tok_mask = tok < M
+    wn64 = wn.to(tl.int64)
+    tok64 = tok.to(tl.int64)
+    K = NB * G
+    kk2 = tl.arange(0, BK // 2)
+    gg = tl.arange(0, NGS)
+    acc = tl.zeros((BN, BM), tl.float32)
+    s_lo = pid_k * STEP_PER_SPLIT
+    s_hi = tl.minimum(s_lo + STEP_PER_SPLIT, NSTEP)
+    for st in range(s_lo, s_hi):
+        k0 = st * BK
+        # K is a multiple of BK (the launcher picks BK so): only row masks, so the loads vectorize
+        wb = tl.load(w_ptr + wn64[:, None] * (K // 2) + (k0 // 2 + kk2)[None, :], mask=w_mask[:, None], other=0)
+        sb = tl.load(ws_ptr + wn64[:, None] * NB + (st * NGS + gg)[None, :], mask=w_mask[:, None], other=0).to(tl.int32)
+        if FMT == FMT_MX:
+            emax = tl.max(sb, axis=1)  # (BN,)
+            mult = pow2(tl.maximum(sb - emax[:, None] + 6, -30)).to(tl.float16)  # (BN, NGS), exact
+            mult = tl.where(sb == 255, float("nan"), mult)
+        else:
+            mult = (scale_value(sb, FMT) * 64.0).to(tl.float16)  # s * 2**6 <= 28672: exact in fp16
+        mult2 = tl.reshape(tl.broadcast_to(mult[:, :, None], (BN, NGS, G // 2)), (BN, BK // 2))
+        wlo, whi = unpack_fp4_f16(wb, USE_ASM)  # columns k0 + 2j and k0 + 2j + 1
+        # the activation operand stores each step as [even columns | odd columns]
+        a_base = a_ptr + tok64[:, None] * K + (k0 + kk2)[None, :]
+        a_even = tl.load(a_base, mask=tok_mask[:, None], other=0.0)  # (BM, BK/2) fp16
+        a_odd = tl.load(a_base + BK // 2, mask=tok_mask[:, None], other=0.0)
+        if FMT == FMT_MX:
+            d = tl.dot(wlo * mult2, tl.trans(a_even))
+            d = tl.dot(whi * mult2, tl.trans(a_odd), d)  # (BN, BM)
+            sa = tl.load(a_scale_ptr + tok64 * NSTEP + st, mask=tok_mask, other=0.0)  # (BM,) fp32
+            acc += d * (pow2(emax - 127)[:, None] * sa[None, :])
+        else:
+            acc = tl.dot(wlo * mult2, tl.trans(a_even), acc)
+            acc = tl.dot(whi * mult2, tl.trans(a_odd), acc)
+    ga = tl.load(ga_ptr)
+    gscale = ga * tl.load(gw_ptr)
+    if SPLIT_K == 1:
+        _store_out(out_ptr, acc, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS)
+    else:
+        n_tiles = tl.num_programs(0) * tl.num_programs(1)
+        tile = pid_m * tl.num_programs(0) + pid_n
+        offs = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
+        tl.store(part_ptr + (pid_k * n_tiles + tile).to(tl.int64) * (BN * BM) + offs, acc)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + tile, 1)
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BN, BM), tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(part_ptr + (s * n_tiles + tile).to(tl.int64) * (BN * BM) + offs, cache_modifier=".cg")
+            _store_out(out_ptr, total, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS)
+            tl.atomic_xchg(lock_ptr + tile, 0)
 
 
 @triton.jit

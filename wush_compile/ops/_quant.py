@@ -188,48 +188,43 @@ def _transform_quantize_kernel(
 
 
 @triton.jit
-def _transform_quantize_fp8_kernel(
-    x_ptr, stride_xm, t_ptr, q_ptr, row_scale_ptr, count_ptr, list_ptr, stats_ptr, M, NB,
-    BM: tl.constexpr, NG: tl.constexpr, G: tl.constexpr, DOT_IEEE: tl.constexpr,
+def _quantize_act_f16_kernel(
+    x_ptr, stride_xm, t_ptr, gs_ptr, out_ptr, step_scale_ptr, M, NB, NSTEP,
+    FMT: tl.constexpr, BM: tl.constexpr, NGS: tl.constexpr, G: tl.constexpr, DOT_IEEE: tl.constexpr,
 ):
-    """MXFP4 activations straight into row-folded e4m3 codes (M, K) + fp32 power-of-two row scales (M,).
+    """Transform + quantize into the decode GEMM's operand: fp16 (M, K) and fp32 step scales (M, NSTEP).
 
-    Pass 1 finds each row's largest group exponent Emax; pass 2 writes code * 2**(E - R), R = Emax - 6,
-    which is an exact e4m3 value when E - R >= -8 for every nonzero group. Rows that break this (or hold
-    NaN / Inf) are appended to ``list_ptr`` (count in ``count_ptr``) for the exact fallback; ``stats_ptr``
-    accumulates [flagged rows, rows seen].
+    K must be a multiple of the step NGS * G; each step is stored as [even columns | odd columns], the order
+    in which the GEMM unpacks the low and high nibbles of its weight bytes.
+
+    MXFP4: value code * 2**(E - E_step) with E_step the largest group exponent of the row's step of NGS
+    blocks, step scale 2**E_step (exact for groups within 23 binades of E_step). NVFP4: code * s exactly
+    (step scale 1). Groups holding NaN/Inf give NaN.
     """
-    C_BIG: tl.constexpr = 1 << 20
     pid_m = tl.program_id(0)
+    st = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)
-    e_max = tl.full((BM,), -127, tl.int32)
-    e_min = tl.full((BM,), C_BIG, tl.int32)
-    n_bad = tl.zeros((BM,), tl.int32)
-    for blk0 in range(0, NB, NG):
-        xt = load_transformed(x_ptr, stride_xm, rows, row_mask, t_ptr, blk0, NB, NG, G, DOT_IEEE)
-        e, bad, amax_bits = mx_group_exponent(xt)  # (NG, BM)
-        e_max = tl.maximum(e_max, tl.max(e, axis=0))
-        e_min = tl.minimum(e_min, tl.min(tl.where(amax_bits > 0, e, C_BIG), axis=0))
-        n_bad += tl.sum(bad.to(tl.int32), axis=0)
-    r = e_max - 6
-    flag = ((e_min < e_max - 14) | (n_bad > 0)) & row_mask
-    tl.store(row_scale_ptr + rows64, pow2(r), mask=row_mask)
-    j = tl.arange(0, G)
-    for blk0 in range(0, NB, NG):
-        xt = load_transformed(x_ptr, stride_xm, rows, row_mask, t_ptr, blk0, NB, NG, G, DOT_IEEE)
+    blk0 = st * NGS
+    xt = load_transformed(x_ptr, stride_xm, rows, row_mask, t_ptr, blk0, NB, NGS, G, DOT_IEEE)  # (NGS, BM, G)
+    blk = blk0 + tl.arange(0, NGS)
+    gmask = (blk < NB)[:, None] & row_mask[None, :]
+    if FMT == FMT_MX:
         idx, neg, mag, e, bad = mx_quantize(xt)
-        d = tl.maximum(e - r[None, :], -100)
-        val = mag * pow2(d)[:, :, None]
-        val = tl.where(neg == 1, -val, val)
-        blk = blk0 + tl.arange(0, NG)
-        gmask = (blk < NB)[:, None] & row_mask[None, :]
-        qp = q_ptr + rows64[None, :, None] * (NB * G) + (blk[:, None, None] * G + j[None, None, :])
-        tl.store(qp, val.to(tl.float8e4nv), mask=gmask[:, :, None])
-    nflag = tl.sum(flag.to(tl.int32), axis=0)
-    base = tl.atomic_add(count_ptr, nflag)
-    slot = base + tl.cumsum(flag.to(tl.int32), axis=0) - 1
-    tl.store(list_ptr + slot, rows, mask=flag)
-    tl.atomic_add(stats_ptr, nflag)
-    tl.atomic_add(stats_ptr + 1, tl.sum(row_mask.to(tl.int32), axis=0))
+        emax = tl.max(tl.where(gmask, e, -127), axis=0)  # (BM,)
+        val = mag * pow2(tl.maximum(e - emax[None, :], -60))[:, :, None]
+        sstep = pow2(emax)
+    else:
+        g = tl.load(gs_ptr)
+        idx, neg, mag, s_byte, s_val, bad = nv_quantize(xt, g)
+        val = mag * s_val[:, :, None]
+        sstep = tl.full((BM,), 1.0, tl.float32)
+    val = tl.where(neg == 1, -val, val)
+    val = tl.where(bad[:, :, None], float("nan"), val)
+    # within the step, column c is stored at (c % 2) * BK/2 + c // 2: [even columns | odd columns]
+    c = (blk0 - st * NGS + tl.arange(0, NGS))[:, None, None] * G + tl.arange(0, G)[None, None, :]  # (NGS, 1, G)
+    pos = (c % 2) * (NGS * G // 2) + c // 2
+    op = out_ptr + rows64[None, :, None] * (NB * G) + (st * (NGS * G) + pos)
+    tl.store(op, val.to(tl.float16), mask=gmask[:, :, None])
+    tl.store(step_scale_ptr + rows64 * NSTEP + st, sstep, mask=row_mask)

@@ -23,6 +23,7 @@ import functools
 import logging
 import math
 import os
+import weakref
 
 import torch
 
@@ -40,7 +41,8 @@ __all__ = [
     "transform_quantize",
     "transform_dequantize",
     "transform_quantize_fp8",
-    "expand_weight_fp8",
+    "expand_fp8",
+    "quantize_act_f16",
     "dequantize_codes",
     "fp4_gemm",
     "linear",
@@ -54,6 +56,8 @@ _DEFAULT_SMS = 132
 _PROGRAMS_PER_SM = 4
 #: fp4_gemm runs the Triton FP4 GEMM up to this M, above it exact bf16 dequantization + cuBLAS.
 FP4_GEMM_TRITON_MAX_M = 64
+#: cuBLAS's fp8 GEMM needs the output width to be a multiple of this; the fp8 route pads N with zero rows.
+FP8_N_ALIGN = 16
 #: Largest number of split-K tiles (counters) one device keeps.
 _MAX_LOCKS = 1 << 16
 
@@ -88,45 +92,47 @@ class QuantTiles:
 
 @dataclasses.dataclass(frozen=True)
 class LinearTiles:
-    """Tiles of the fused FP4 linear: weight rows (MMA M side), tokens (MMA N side), blocks per K step,
-    split-K factor, and blocks per split (a multiple of ``groups``)."""
+    """Tiles of the decode GEMMs: weight rows per program (the MMA's M side), tokens (its N side), columns
+    per K step, split-K factor and K steps per split; ``fused_act`` picks the kernel that transforms and
+    quantizes the tokens in its prologue (else a separate quantize launch writes the fp16 operand)."""
 
     block_n: int
     block_m: int
-    groups: int
+    block_k: int
     split_k: int
-    blocks_per_split: int
+    steps_per_split: int
     num_warps: int
     num_stages: int
-    fused_act: bool = True  # transform + quantize the tokens in the prologue (else a separate quantize launch)
+    fused_act: bool = False
+
+    def groups(self, fmt: Format | str) -> int:
+        return self.block_k // Format.parse(fmt).group_size
 
 
-def quant_tiles(m: int, k: int, fmt: Format | str, fp8: bool = False) -> QuantTiles:
-    """128 columns per step (4 MXFP4 / 8 NVFP4 blocks); 64 rows per program, 32 for the two-pass fp8 route
-    (its second pass re-reads the rows from L2)."""
+def quant_tiles(m: int, k: int, fmt: Format | str) -> QuantTiles:
+    """128 columns per program step (4 MXFP4 / 8 NVFP4 blocks), 64 rows per program (16 for tiny M)."""
     g = Format.parse(fmt).group_size
-    groups = max(1, 128 // g)
-    block_m = 32 if fp8 else 64
-    if m <= 16:
-        block_m = 16
-    return QuantTiles(block_m=block_m, groups=groups, num_warps=4)
+    return QuantTiles(block_m=16 if m <= 16 else 64, groups=max(1, 128 // g), num_warps=4)
 
 
 def linear_tiles(
-    m: int, n: int, k: int, fmt: Format | str, sms: int = _DEFAULT_SMS, *, block_n: int = 64, fused_act: bool = True,
-    programs_per_sm: int = _PROGRAMS_PER_SM, num_warps: int = 4, num_stages: int = 3,
+    m: int, n: int, k: int, fmt: Format | str, sms: int = _DEFAULT_SMS, *, block_n: int = 64, block_k: int = 256,
+    fused_act: bool = False, programs_per_sm: int = _PROGRAMS_PER_SM, num_warps: int = 4, num_stages: int = 3,
 ) -> LinearTiles:
-    """Split-K so that about ``programs_per_sm`` programs per SM stream weights; 128 columns per K step."""
+    """Split-K so that about ``programs_per_sm`` programs per SM stream weights."""
     g = Format.parse(fmt).group_size
-    nb = k // g
-    groups = max(1, 128 // g)
-    block_m = 16
-    tiles = math.ceil(n / block_n) * math.ceil(m / block_m)
-    steps = math.ceil(nb / groups)
+    if fused_act:
+        block_k = 128  # the fused prologue's register budget
+    while block_k > 2 * g and k % block_k:  # the step must divide K (no column masks in the GEMM)
+        block_k //= 2
+    if k % block_k:
+        block_k = g
+    tiles = math.ceil(n / block_n) * math.ceil(m / 16)
+    steps = math.ceil(k / block_k)
     split = max(1, min(steps, round(sms * programs_per_sm / tiles)))
-    per_split = math.ceil(steps / split) * groups
-    split = math.ceil(nb / per_split)
-    return LinearTiles(block_n, block_m, groups, split, per_split, num_warps, num_stages, fused_act)
+    per_split = math.ceil(steps / split)
+    split = math.ceil(steps / per_split)
+    return LinearTiles(block_n, 16, block_k, split, per_split, num_warps, num_stages, fused_act)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,18 +226,16 @@ def fallback_stats(device=None, reset: bool = False) -> dict:
     return out
 
 
-_HOST_SCALARS: dict = {}
+_HOST_SCALARS: "weakref.WeakKeyDictionary[torch.Tensor, tuple[int, float]]" = weakref.WeakKeyDictionary()
 
 
 def _host_scalar(t: torch.Tensor) -> float:
-    """A scalar buffer's value on the host, cached on (storage, version): one sync per buffer value."""
-    key = (t.device, t.data_ptr(), t._version)
-    v = _HOST_SCALARS.get(key)
-    if v is None:
-        v = float(t.reshape(()))
-        if len(_HOST_SCALARS) > 4096:
-            _HOST_SCALARS.clear()
-        _HOST_SCALARS[key] = v
+    """A scalar buffer's value on the host, cached per tensor object and version: one sync per buffer value."""
+    hit = _HOST_SCALARS.get(t)
+    if hit is not None and hit[0] == t._version:
+        return hit[1]
+    v = float(t.reshape(()))
+    _HOST_SCALARS[t] = (t._version, v)
     return v
 
 
@@ -291,59 +295,45 @@ def transform_dequantize(
     return out
 
 
-def transform_quantize_fp8(
-    x: torch.Tensor, transform: torch.Tensor, counter: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MXFP4 transform + quantize written as row-folded e4m3: (codes (M, K) float8_e4m3fn, row scales (M,) fp32,
-    flagged rows (M,) int32 (the first ``count`` are valid), count (1,) int32).
-
-    Row m's value at k is ``codes[m, k] * row_scale[m]``, equal to the MXFP4 value without its 1/3 global
-    scale, for every row not flagged. A flagged row (exponent spread over 14 binades, or NaN/Inf) holds
-    placeholder codes and must be computed by the exact fallback.
-    """
-    f = Format.MXFP4
-    _check_x(x, transform, f)
-    _quant, _ = _mods()
-    m, k = x.shape
-    g = f.group_size
-    nb = k // g
-    x = x.contiguous()
-    t = transform.contiguous()
-    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
-    row_scale = torch.empty((m,), dtype=torch.float32, device=x.device)
-    rows = torch.empty((max(m, 1),), dtype=torch.int32, device=x.device)
-    if counter is None:
-        counter = torch.zeros(1, dtype=torch.int32, device=x.device)
-    cfg = quant_tiles(m, k, f, fp8=True)
-    _quant._transform_quantize_fp8_kernel[(triton_cdiv(m, cfg.block_m),)](
-        x, x.stride(0), t, q, row_scale, counter, rows, _stats(x.device), m, nb,
-        BM=cfg.block_m, NG=cfg.groups, G=g, DOT_IEEE=_dot_ieee(x, t), num_warps=cfg.num_warps,
-    )
-    return q, row_scale, rows, counter
-
-
-def expand_weight_fp8(
-    w_codes: torch.Tensor, w_scales: torch.Tensor, a_global_scale: torch.Tensor, w_global_scale: torch.Tensor,
-    counter: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MXFP4 weights -> (row-folded e4m3 (N, K), column scales 2**R_n * g_a * g_w (N,) fp32, flagged rows, count)."""
+def expand_fp8(
+    codes: torch.Tensor, scales: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
+    flags: torch.Tensor, counter: torch.Tensor, stats: torch.Tensor, rows_out: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MXFP4 rows (codes (R, K/2), e8m0 scales (R, K/G)) -> (row-folded e4m3 (R', K), fp32 row scales
+    2**R_r * g1 * g2 (R',), listed rows (R,) int32 - the first ``counter`` entries). R' = rows_out >= R pads
+    with zero rows. ``flags`` (R,) int32 must be zero; ``stats`` gets [listed, rows]."""
     _, _gemm = _mods()
-    n, k2 = w_codes.shape
-    k = 2 * k2
+    r, k2 = codes.shape
     g = Format.MXFP4.group_size
-    nb = k // g
-    q = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=w_codes.device)
-    col_scale = torch.empty((n,), dtype=torch.float32, device=w_codes.device)
-    rows = torch.empty((max(n, 1),), dtype=torch.int32, device=w_codes.device)
-    if counter is None:
-        counter = torch.zeros(1, dtype=torch.int32, device=w_codes.device)
-    bn = 32
-    _gemm._expand_weight_fp8_kernel[(triton_cdiv(n, bn),)](
-        w_codes, w_scales, _as_scalar_tensor(a_global_scale, w_codes.device),
-        _as_scalar_tensor(w_global_scale, w_codes.device), q, col_scale, counter, rows,
-        _stats(w_codes.device)[2:], n, nb, BN=bn, NG=4, G=g, num_warps=4,
+    nb = 2 * k2 // g
+    rp = rows_out or r
+    q = torch.empty((rp, 2 * k2), dtype=torch.float8_e4m3fn, device=codes.device)
+    row_scale = torch.empty((rp,), dtype=torch.float32, device=codes.device)
+    if rp > r:
+        q[r:].zero_()
+        row_scale[r:].zero_()
+    rows = torch.empty((max(r, 1),), dtype=torch.int32, device=codes.device)
+    br, ngc = 32, 4
+    _gemm._expand_fp8_kernel[(triton_cdiv(r, br), triton_cdiv(nb, ngc))](
+        codes, scales, _as_scalar_tensor(g1, codes.device), _as_scalar_tensor(g2, codes.device), q, row_scale,
+        flags, counter, rows, stats, r, nb, BR=br, NGC=ngc, NGS=32, G=g, num_warps=4,
     )
-    return q, col_scale, rows, counter
+    return q, row_scale, rows
+
+
+def transform_quantize_fp8(x: torch.Tensor, transform: torch.Tensor):
+    """MXFP4 transform + quantize written as row-folded e4m3: (codes (M, K) float8_e4m3fn, row scales (M,) fp32
+    (without the 1/3 global scale), listed rows (M,) int32, count (1,) int32).
+
+    Row m's MXFP4 values (without the global scale) are ``codes[m] * row_scale[m]`` for every row that is
+    not listed; listed rows (exponent spread beyond e4m3, NaN/Inf) need the exact fallback.
+    """
+    a_codes, a_scales = transform_quantize(x, transform, None, "mxfp4")
+    m = x.shape[0]
+    buf = torch.zeros(1 + m, dtype=torch.int32, device=x.device)
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    q, rs, rows = expand_fp8(a_codes, a_scales, one, one, buf[1:], buf[0:1], _stats(x.device))
+    return q, rs, rows, buf[0:1]
 
 
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, fmt: str, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -371,15 +361,16 @@ def triton_cdiv(a: int, b: int) -> int:
 # GEMMs
 
 
-def _bf16_gemm(a: torch.Tensor, w: torch.Tensor, gscale: torch.Tensor, bias, out_dtype) -> torch.Tensor:
-    """(a @ w^T) * gscale (+ bias) with the fp32 scale as cuBLAS's alpha (one rounding to out_dtype)."""
-    alpha = _host_scalar(gscale)
+def _bf16_gemm(a: torch.Tensor, w: torch.Tensor, a_gs: torch.Tensor, w_gs: torch.Tensor, bias, out_dtype) -> torch.Tensor:
+    """(a @ w^T) * (a_gs * w_gs) (+ bias): the fp32 global-scale product is cuBLAS's alpha (one rounding)."""
+    alpha = float(torch.tensor(_host_scalar(a_gs), dtype=torch.float32) * torch.tensor(_host_scalar(w_gs), dtype=torch.float32))
     if out_dtype == a.dtype:
         if bias is not None:
             return torch.addmm(bias.to(out_dtype), a, w.t(), alpha=alpha)
-        return torch.mm(a, w.t()).mul_(alpha) if a.device.type == "cpu" else torch.addmm(
-            a.new_zeros(()), a, w.t(), beta=0, alpha=alpha)
-    y = torch.mm(a.float(), w.float().t()) * gscale.reshape(())  # fp32 models: plain fp32 GEMM of exact values
+        if a.device.type == "cpu":
+            return torch.mm(a.float(), w.float().t()).mul_(alpha).to(out_dtype)
+        return torch.addmm(a.new_zeros(()), a, w.t(), beta=0, alpha=alpha)
+    y = torch.mm(a.float(), w.float().t()) * alpha  # fp32 models: plain fp32 GEMM of exact values
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(out_dtype)
@@ -402,14 +393,13 @@ def fp4_gemm(
         raise ValueError(f"fp4_gemm: activations hold K={2 * a_codes.shape[1]}, weights K={2 * w_codes.shape[1]}")
     f = Format.parse(fmt)
     m, n, k = a_codes.shape[0], w_codes.shape[0], 2 * a_codes.shape[1]
-    if m <= FP4_GEMM_TRITON_MAX_M:
-        cfg = linear_tiles(m, n, k, f, _sm_count(a_codes.device), fused_act=False)
+    if m <= FP4_GEMM_TRITON_MAX_M and f is Format.MXFP4:
+        cfg = linear_tiles(m, n, k, f, _sm_count(a_codes.device), block_k=128)
         return _fp4_linear(None, a_codes.contiguous(), a_scales.contiguous(), None, a_global_scale,
                            w_codes.contiguous(), w_scales.contiguous(), w_global_scale, bias, f, out_dtype, cfg)
     a = dequantize_codes(a_codes, a_scales, fmt)
     w = dequantize_codes(w_codes, w_scales, fmt)
-    gscale = a_global_scale.to(torch.float32).reshape(()) * w_global_scale.to(torch.float32).reshape(())
-    return _bf16_gemm(a, w, gscale, bias, out_dtype)
+    return _bf16_gemm(a, w, a_global_scale, w_global_scale, bias, out_dtype)
 
 
 def _decode_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, out_dtype, tiles=None):
@@ -418,13 +408,14 @@ def _decode_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format,
     x, transform = x.contiguous(), transform.contiguous()
     cfg = tiles or linear_tiles(m, n, k, f, _sm_count(x.device))
     if cfg.fused_act:
+        if f is not Format.MXFP4:
+            raise ValueError("the fused-prologue decode kernel runs MXFP4 only; use the two-launch decode for nvfp4")
         return _fp4_linear(x, None, None, transform, a_gs, w_codes, w_scales, w_gs, bias, f, out_dtype, cfg)
-    a_codes, a_scales = transform_quantize(x, transform, a_gs, f.value)
-    return _fp4_linear(x, a_codes, a_scales, transform, a_gs, w_codes, w_scales, w_gs, bias, f, out_dtype, cfg)
+    return _gemv_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f, out_dtype, cfg)
 
 
 def _fp4_linear(x, a_codes, a_scales, transform, a_gs, w_codes, w_scales, w_gs, bias, f: Format, out_dtype, cfg):
-    """Launch the split-K FP4 GEMM; activations from x (fused transform + quantize) or from their codes."""
+    """The exact per-group FP4 GEMM (split-K); activations from x (fused transform + quantize) or from codes."""
     _, _gemm = _mods()
     fused = a_codes is None
     src = x if fused else a_codes
@@ -446,15 +437,59 @@ def _fp4_linear(x, a_codes, a_scales, transform, a_gs, w_codes, w_scales, w_gs, 
         xa, stride, t, ac, asc, ieee = a_codes, 0, a_codes, a_codes, a_scales, True
     _gemm._fp4_linear_kernel[(gn, gm, cfg.split_k)](
         xa, stride, t, ga, ac, asc, w_codes, w_scales, _as_scalar_tensor(w_gs, src.device),
-        bias if bias is not None else out, out, part, locks, m, n, nb, cfg.blocks_per_split,
+        bias if bias is not None else out, out, part, locks, m, n, nb, cfg.steps_per_split * cfg.groups(f),
         FMT=_fmt_id(f), A_FUSED=fused, HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BN=cfg.block_n,
-        BM=cfg.block_m, NG=cfg.groups, G=g, DOT_IEEE=ieee, USE_ASM=_use_asm(src.device),
+        BM=cfg.block_m, NG=cfg.groups(f), G=g, DOT_IEEE=ieee, USE_ASM=_use_asm(src.device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
 
-def _exact_rows(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, out, rows, count, weights: bool):
+def quantize_act_f16(x: torch.Tensor, transform: torch.Tensor, act_global_scale, fmt: str, block_k: int):
+    """Transform + quantize into the decode GEMM's operand: (fp16 values (M, K), fp32 step scales (M, K/block_k))."""
+    f = Format.parse(fmt)
+    _check_x(x, transform, f)
+    _quant, _ = _mods()
+    m, k = x.shape
+    g = f.group_size
+    nb = k // g
+    nstep = triton_cdiv(k, block_k)
+    out = torch.empty((m, k), dtype=torch.float16, device=x.device)
+    sc = torch.empty((m, nstep), dtype=torch.float32, device=x.device)
+    gs = _mx_global(x.device) if f is Format.MXFP4 else _as_scalar_tensor(act_global_scale, x.device)
+    bm = 16
+    _quant._quantize_act_f16_kernel[(triton_cdiv(m, bm), nstep)](
+        x, x.stride(0), transform, gs, out, sc, m, nb, nstep, FMT=_fmt_id(f), BM=bm, NGS=block_k // g, G=g,
+        DOT_IEEE=_dot_ieee(x, transform), num_warps=4,
+    )
+    return out, sc
+
+
+def _gemv_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, out_dtype, cfg: LinearTiles):
+    _, _gemm = _mods()
+    m, k = x.shape
+    n = w_codes.shape[0]
+    g = f.group_size
+    a, sa = quantize_act_f16(x, transform, a_gs, f.value, cfg.block_k)
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    gn, gm = triton_cdiv(n, cfg.block_n), triton_cdiv(m, cfg.block_m)
+    if cfg.split_k > 1:
+        part = torch.empty((cfg.split_k * gn * gm * cfg.block_n * cfg.block_m,), dtype=torch.float32, device=x.device)
+        locks = _locks(x.device, gn * gm)
+    else:
+        part = locks = out
+    ga = _mx_global(x.device) if f is Format.MXFP4 else _as_scalar_tensor(a_gs, x.device)
+    _gemm._fp4_gemv_kernel[(gn, gm, cfg.split_k)](
+        a, sa, w_codes, w_scales, ga, _as_scalar_tensor(w_gs, x.device), bias if bias is not None else out, out,
+        part, locks, m, n, k // g, triton_cdiv(k, cfg.block_k), cfg.steps_per_split,
+        FMT=_fmt_id(f), HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BN=cfg.block_n, BM=cfg.block_m,
+        BK=cfg.block_k, G=g, USE_ASM=_use_asm(x.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _exact_rows(x, a_codes, a_scales, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, out, rows, count,
+                weights: bool):
     """Overwrite out's listed token rows (weights=False) or weight columns (weights=True) with exact values."""
     _, _gemm = _mods()
     m, k = x.shape
@@ -473,27 +508,39 @@ def _exact_rows(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, ou
 
 def _fp8_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, out_dtype):
     f = Format.MXFP4
-    counters = torch.zeros(2, dtype=torch.int32, device=x.device)
-    qa, sa, rows_a, cnt_a = transform_quantize_fp8(x, transform, counters[0:1])
+    m = x.shape[0]
+    n = w_codes.shape[0]
+    a_codes, a_scales = transform_quantize(x, transform, None, f.value)
+    buf = torch.zeros(2 + m + n, dtype=torch.int32, device=x.device)  # counts, then per-row flags
     ga = _mx_global(x.device)
-    qw, sw, rows_w, cnt_w = expand_weight_fp8(w_codes, w_scales, ga, w_gs, counters[1:2])
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    st = _stats(x.device)
+    qa, sa, rows_a = expand_fp8(a_codes, a_scales, one, one, buf[2 : 2 + m], buf[0:1], st[0:2])
+    n_pad = triton_cdiv(n, FP8_N_ALIGN) * FP8_N_ALIGN  # cuBLAS fp8 needs N % 16 == 0
+    qw, sw, rows_w = expand_fp8(w_codes, w_scales, ga, w_gs, buf[2 + m :], buf[1:2], st[2:4], rows_out=n_pad)
     mm_dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float16) else torch.float32
-    y = torch._scaled_mm(
-        qa, qw.t(), scale_a=sa[:, None], scale_b=sw[None, :],
-        bias=bias.to(mm_dtype) if bias is not None else None, out_dtype=mm_dtype, use_fast_accum=False,
-    )
-    _exact_rows(x, w_codes, w_scales, transform, w_gs, ga, bias, f, y, rows_a, cnt_a, weights=False)
-    _exact_rows(x, w_codes, w_scales, transform, w_gs, ga, bias, f, y, rows_w, cnt_w, weights=True)
+    bias_mm = None
+    if bias is not None:
+        bias_mm = bias.to(mm_dtype)
+        if n_pad > n:
+            bias_mm = torch.cat((bias_mm, bias_mm.new_zeros(n_pad - n)))
+    y = torch._scaled_mm(qa, qw.t(), scale_a=sa[:, None], scale_b=sw[None, :], bias=bias_mm, out_dtype=mm_dtype,
+                         use_fast_accum=False)
+    if n_pad > n:
+        y = y[:, :n].contiguous()
+    _exact_rows(x, a_codes, a_scales, w_codes, w_scales, transform, w_gs, ga, bias, f, y, rows_a, buf[0:1], False)
+    _exact_rows(x, a_codes, a_scales, w_codes, w_scales, transform, w_gs, ga, bias, f, y, rows_w, buf[1:2], True)
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 def _bf16_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, out_dtype):
     a = transform_dequantize(x, transform, a_gs, f.value)
     w = dequantize_codes(w_codes, w_scales, f.value)
-    ga = torch.full((), formats.MXFP4_GLOBAL_SCALE, dtype=torch.float32, device=x.device) if f is Format.MXFP4 \
-        else a_gs.to(torch.float32).reshape(())
-    gscale = ga * w_gs.to(torch.float32).reshape(())
-    return _bf16_gemm(a, w, gscale, bias, out_dtype)
+    ga = _MX_GS_CPU if f is Format.MXFP4 else a_gs
+    return _bf16_gemm(a, w, ga, w_gs, bias, out_dtype)
+
+
+_MX_GS_CPU = torch.tensor(formats.MXFP4_GLOBAL_SCALE, dtype=torch.float32)
 
 
 def linear(
