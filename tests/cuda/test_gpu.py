@@ -273,6 +273,56 @@ def test_transform_quantize_cuda_graph(arch):
     assert torch.equal(codes, c2) and torch.equal(scales, s2)
 
 
+# ---------------------------------------------------------------- Blackwell host code on any GPU
+
+
+def _blackwell_kernel(arch, variant):
+    from wush_compile.cuda import builder
+
+    d, _ = loader.find_artifact_dir(arch)
+    host = next(t for t in builder.targets(arch) if t.kind == "host")
+    if d is None or not (d / host.filename).is_file() or not (d / f"{variant}.{arch}.cubin").is_file():
+        pytest.skip(f"no {arch} artifacts here (build them with python -m wush_compile.cuda.build --arch {arch})")
+    return loader.gemm_kernel(arch, variant)
+
+
+@pytest.mark.parametrize("arch_name,variant", [
+    ("sm_100a", "fp4_sm100_mxfp4_bf16"), ("sm_100a", "fp4_sm100_nvfp4_fp32"),
+    ("sm_120a", "fp4_sm120_mxfp4_bf16"), ("sm_120a", "fp4_sm120_nvfp4_fp32"),
+])
+def test_blackwell_params_build_with_the_real_driver(arch, arch_name, variant):
+    """The FP4 variants' host half (CUTLASS's own Params: TMA descriptors for A, B, their swizzled scale
+    factors and D) runs on any GPU's driver: shapes accepted, no workspace, a sensible persistent grid."""
+    k = _blackwell_kernel(arch_name, variant)
+    g = 32 if "mxfp4" in variant else 16
+    out_dtype = torch.bfloat16 if variant.endswith("bf16") else torch.float32
+    for m, n, kk in ((1, 256, 512), (300, 4096, 4096), (8192, 28672, 4096)):
+        a = torch.empty(m, kk // 2, dtype=torch.uint8, device=DEV)
+        b = torch.empty(n, kk // 2, dtype=torch.uint8, device=DEV)
+        sa = torch.empty(layout.swizzled_scale_numel(m, kk // g), dtype=torch.uint8, device=DEV)
+        sb = torch.empty(layout.swizzled_scale_numel(n, kk // g), dtype=torch.uint8, device=DEV)
+        d = torch.empty(m, n, dtype=out_dtype, device=DEV)
+        one = torch.ones((), device=DEV)
+        args = loader.WushGemmArgs(m=m, n=n, k=kk, a=a.data_ptr(), b=b.data_ptr(), a_scale=sa.data_ptr(),
+                                   b_scale=sb.data_ptr(), alpha_a=one.data_ptr(), alpha_b=one.data_ptr(), bias=0,
+                                   d=d.data_ptr(), sm_count=148, max_swizzle=0)
+        params, grid = k.prepare(args)
+        tiles = -(-m // k.info.tile[0]) * -(-n // k.info.tile[1])
+        assert 1 <= grid[0] * grid[1] * grid[2] <= max(tiles, 148), (m, n, kk, grid)
+        assert any(params.raw), "empty Params"
+    with pytest.raises(loader.CudaLaunchError, match="K=48 must be a multiple of 32"):
+        k.prepare(loader.WushGemmArgs(m=8, n=256, k=48, sm_count=148))
+
+
+def test_cubin_for_another_architecture_fails_clearly(arch):
+    other = "sm_100a" if arch != "sm_100a" else "sm_120a"
+    variant = "fp4_sm100_mxfp4_bf16" if other == "sm_100a" else "fp4_sm120_mxfp4_bf16"
+    k = _blackwell_kernel(other, variant)
+    with pytest.raises(loader.CudaLaunchError, match="cuLibrary|cuKernel|NO_BINARY|INVALID"):
+        k.cubin.function(f"wush_{variant}_kernel", torch.cuda.current_device(), k.info.smem_bytes,
+                         k.info.params_bytes)
+
+
 # ---------------------------------------------------------------- FP4 GEMM and linear (sm_100a / sm_120a)
 
 

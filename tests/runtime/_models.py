@@ -87,13 +87,15 @@ def calibrate_llama(
                     if all(g in names for g in grp):
                         w = torch.cat([getattr(parent, g).weight.detach() for g in grp])
                         k = w.shape[1]
-                        t = transforms.block_transforms(kind, w, random_hessian(k, li), fmt.group_size)
+                        h = random_hessian(k, li) if kind in (TransformKind.WUS, TransformKind.WUSH) else None
+                        t = transforms.block_transforms(kind, w, h, fmt.group_size)
                         for g in grp:
                             groups[g] = (t, f"layers.{li}.{'+'.join(grp)}")
             for j, name in enumerate(names):
                 lin = getattr(parent, name)
                 t, share = groups.get(name, (None, None))
-                h = random_hessian(lin.in_features, 100 * li + j)
+                data_aware = kind in (TransformKind.WUS, TransformKind.WUSH) and t is None
+                h = random_hessian(lin.in_features, 100 * li + j) if data_aware else None
                 setattr(parent, name, wush_linear_from(lin, fmt, kind, hessian=h, transform=t, seed=j,
                                                        share_group=share))
     return model

@@ -40,6 +40,8 @@ CHECK_RTOL = 1e-2
 #: Decode routes are timed up to this M; the prefill routes from PREFILL_BENCH_MIN_M on.
 DECODE_BENCH_MAX_M = 128
 PREFILL_BENCH_MIN_M = 16
+#: Also time the one-launch decode kernel with the fused prologue (slower than two launches, see NOTES).
+FUSED_DECODE_BENCH = True
 #: Realistic NVFP4 activation global scale headroom (as calibration's static scale).
 NV_ACT_HEADROOM = 2.0
 
@@ -86,7 +88,7 @@ def routes_for(m: int, fmt: Format) -> dict:
     if m <= DECODE_BENCH_MAX_M:
         out["decode"] = lambda x, L: kernels.linear(
             x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt.value, KernelChoice.TRITON_DECODE)
-        if fmt is Format.MXFP4 and m <= 16:
+        if fmt is Format.MXFP4 and m == 1 and FUSED_DECODE_BENCH:
             out["decode_fused"] = lambda x, L: kernels._decode_linear(
                 x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt, x.dtype,
                 kernels.linear_tiles(x.shape[0], L.w_codes.shape[0], x.shape[1], fmt,
@@ -147,17 +149,23 @@ def run(layers=None, ms=MS, fmts=FORMATS, out_dir: Path | None = None, seed: int
                     use_fast_accum=False)) for i in range(max(len(w_fp8), 2))], graph)
                 best = None
                 for route, fn in routes_for(m, fmt).items():
-                    ref = _ref_rows(xs[0], Ls[0], fmt, min(m, CHECK_ROWS))
-                    y = fn(xs[0], Ls[0])
-                    torch.cuda.synchronize()
-                    err = float((y[: ref.shape[0]].double() - ref).norm() / ref.norm().clamp_min(1e-30))
-                    ok = math.isfinite(err) and err < CHECK_RTOL
-                    if not ok:
-                        print(f"FAILED CHECK {name} {fmt_name} M={m} {route}: rel err {err:.3e}", flush=True)
-                        rows.append(dict(layer=name, n=n, k=k, m=m, fmt=fmt_name, route=route, us=None, err=err))
+                    try:
+                        ref = _ref_rows(xs[0], Ls[0], fmt, min(m, CHECK_ROWS))
+                        y = fn(xs[0], Ls[0])
+                        torch.cuda.synchronize()
+                        err = float((y[: ref.shape[0]].double() - ref).norm() / ref.norm().clamp_min(1e-30))
+                        del y, ref
+                        if not (math.isfinite(err) and err < CHECK_RTOL):
+                            print(f"FAILED CHECK {name} {fmt_name} M={m} {route}: rel err {err:.3e}", flush=True)
+                            rows.append(dict(layer=name, n=n, k=k, m=m, fmt=fmt_name, route=route, us=None, err=err))
+                            continue
+                        us = common.bench_us([(lambda i=i: fn(xs[i % len(xs)], Ls[i % len(Ls)]))
+                                              for i in range(max(len(Ls), len(xs)))], graph)
+                    except Exception as e:  # keep the run going; the failure is in the log and the JSON
+                        print(f"ERROR {name} {fmt_name} M={m} {route}: {type(e).__name__}: {e}", flush=True)
+                        rows.append(dict(layer=name, n=n, k=k, m=m, fmt=fmt_name, route=route, us=None, err=str(e)))
+                        torch.cuda.synchronize()
                         continue
-                    us = common.bench_us([(lambda i=i: fn(xs[i % len(xs)], Ls[i % len(Ls)]))
-                                          for i in range(max(len(Ls), len(xs)))], graph)
                     byts = _min_bytes(m, n, k, fmt)
                     limit_us = max(byts / ceil["copy_gbs"] / 1e3, flops / ceil["fp8_tflops"] / 1e6)
                     r = dict(layer=name, n=n, k=k, m=m, fmt=fmt_name, route=route, us=us, err=err,
@@ -174,9 +182,13 @@ def run(layers=None, ms=MS, fmts=FORMATS, out_dir: Path | None = None, seed: int
                     best = dict(best, route_best=best["route"], route="best")
                     rows.append(best)
                 del xs
-            if k in (4096, 14336) and 8192 in ms:
+            if k in (4096, 14336) and 8192 in ms and name in ("qkv", "down"):
                 quant.extend(_bench_quant(k, fmt, Ls[0], ceil, gen))
             del Ls
+            if out_dir is not None:  # partial results survive a time limit
+                out_dir.mkdir(parents=True, exist_ok=True)
+                common.save_json(out_dir / "bench_layers.json",
+                                 {"env": env, "ceilings": ceil, "rows": rows, "quant": quant, "sweep": sweep})
     result = {"env": env, "ceilings": ceil, "rows": rows, "quant": quant, "sweep": sweep}
     print(format_table(result), flush=True)
     if out_dir is not None:
@@ -188,7 +200,7 @@ def run(layers=None, ms=MS, fmts=FORMATS, out_dir: Path | None = None, seed: int
 
 
 #: Decode tile candidates swept at the start of a run: (block_n, block_k, programs per SM, warps).
-SWEEP = ((64, 256, 4, 4), (128, 256, 4, 8), (64, 128, 4, 4), (64, 256, 2, 4), (64, 256, 8, 4), (32, 256, 4, 4))
+SWEEP = ((64, 256, 4, 4), (64, 128, 4, 4), (64, 256, 8, 4), (64, 128, 8, 4), (32, 128, 8, 4))
 
 
 def sweep_decode(names=("qkv", "o", "gate_up", "down"), ms=(1, 16), seed: int = 1) -> list[dict]:
@@ -215,8 +227,20 @@ def sweep_decode(names=("qkv", "o", "gate_up", "down"), ms=(1, 16), seed: int = 
                     res.append(us)
                     out.append(dict(layer=name, fmt=fmt_name, m=m, block_n=bn, block_k=bk, programs_per_sm=pps,
                                     num_warps=nw, split_k=cfg.split_k, us=us))
+                # where the time goes: the activation quantize launch alone, the GEMM alone
+                cfg = kernels.linear_tiles(m, n, k, fmt, kernels._sm_count(dev))
+                t_q = common.bench_us([(lambda i=i: kernels.quantize_act_f16(xs[i], Ls[i].transform, Ls[i].a_gs,
+                                                                             fmt_name, cfg.block_k)) for i in range(nrot)],
+                                      graph=True)
+                pre = [kernels.quantize_act_f16(xs[i], Ls[i].transform, Ls[i].a_gs, fmt_name, cfg.block_k)
+                       for i in range(nrot)]
+                t_g = common.bench_us([(lambda i=i: kernels._gemv_only(pre[i], Ls[i].w_codes, Ls[i].w_scales,
+                                                                      Ls[i].w_gs, Ls[i].a_gs, fmt, cfg))
+                                       for i in range(nrot)], graph=True)
+                t_e = common.bench_us([(lambda: torch.empty(1, device=dev))], graph=True)
                 print(f"sweep {name:>8} {fmt_name} M={m:>2}: " + "  ".join(
-                    f"{c[0]}/{c[1]}/{c[2]}/{c[3]}={u:.1f}" for c, u in zip(SWEEP, res)), flush=True)
+                    f"{c[0]}/{c[1]}/{c[2]}/{c[3]}={u:.1f}" for c, u in zip(SWEEP, res))
+                    + f" | default: quantize {t_q:.1f} us, gemm {t_g:.1f} us, empty graph {t_e:.1f} us", flush=True)
             del Ls
     return out
 

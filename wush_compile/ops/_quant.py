@@ -139,7 +139,8 @@ def nv_quantize(xt, g):
     d = s_val * g  # (NG, BM)
     dd = tl.broadcast_to(d[:, :, None], xt.shape)
     v = tl.math.div_rn(xt, tl.where(dd == 0.0, 1.0, dd))
-    v = tl.where(dd == 0.0, tl.where(sign_bit(xt) == 1, -0.0, 0.0), v)  # scale underflow: signed zeros
+    signed_zero = (xt.to(tl.int32, bitcast=True) & -2147483648).to(tl.float32, bitcast=True)
+    v = tl.where(dd == 0.0, signed_zero, v)  # scale underflow: zeros keeping x's sign
     v = tl.where(bad[:, :, None], 0.0, v)
     idx, mag = round_e2m1(v)
     return idx, sign_bit(v), mag, s_byte, s_val, bad

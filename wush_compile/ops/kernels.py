@@ -176,8 +176,17 @@ def _as_scalar_tensor(v, device) -> torch.Tensor:
     return torch.as_tensor(v, dtype=torch.float32, device=device).reshape(1)
 
 
+_MX_GLOBAL: dict = {}
+
+
 def _mx_global(device) -> torch.Tensor:
-    return torch.full((1,), formats.MXFP4_GLOBAL_SCALE, dtype=torch.float32, device=device)
+    """MXFP4's fixed 1/3 as a (1,) device tensor, made once per device (read-only)."""
+    key = str(device)
+    t = _MX_GLOBAL.get(key)
+    if t is None:
+        t = torch.full((1,), formats.MXFP4_GLOBAL_SCALE, dtype=torch.float32, device=device)
+        _MX_GLOBAL[key] = t
+    return t
 
 
 def _sm_count(device: torch.device) -> int:
@@ -226,16 +235,19 @@ def fallback_stats(device=None, reset: bool = False) -> dict:
     return out
 
 
-_HOST_SCALARS: "weakref.WeakKeyDictionary[torch.Tensor, tuple[int, float]]" = weakref.WeakKeyDictionary()
+_HOST_SCALARS: dict[int, tuple] = {}
 
 
 def _host_scalar(t: torch.Tensor) -> float:
-    """A scalar buffer's value on the host, cached per tensor object and version: one sync per buffer value."""
-    hit = _HOST_SCALARS.get(t)
-    if hit is not None and hit[0] == t._version:
-        return hit[1]
+    """A scalar buffer's value on the host, cached per tensor object and version: one sync per buffer value
+    (later calls, CUDA-graph captures included, read the cache)."""
+    hit = _HOST_SCALARS.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
     v = float(t.reshape(()))
-    _HOST_SCALARS[t] = (t._version, v)
+    if len(_HOST_SCALARS) > 4096:
+        _HOST_SCALARS.clear()
+    _HOST_SCALARS[id(t)] = (weakref.ref(t), t._version, v)
     return v
 
 
@@ -466,11 +478,18 @@ def quantize_act_f16(x: torch.Tensor, transform: torch.Tensor, act_global_scale,
 
 
 def _gemv_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, out_dtype, cfg: LinearTiles):
+    a_sa = quantize_act_f16(x, transform, a_gs, f.value, cfg.block_k)
+    return _gemv_only(a_sa, w_codes, w_scales, w_gs, a_gs, f, cfg, bias, out_dtype)
+
+
+def _gemv_only(a_sa, w_codes, w_scales, w_gs, a_gs, f: Format, cfg: LinearTiles, bias=None, out_dtype=torch.bfloat16):
+    """The decode GEMM on an operand from :func:`quantize_act_f16` (same ``cfg.block_k``)."""
     _, _gemm = _mods()
-    m, k = x.shape
+    a, sa = a_sa
+    x = a
+    m, k = a.shape
     n = w_codes.shape[0]
     g = f.group_size
-    a, sa = quantize_act_f16(x, transform, a_gs, f.value, cfg.block_k)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     gn, gm = triton_cdiv(n, cfg.block_n), triton_cdiv(m, cfg.block_m)
     if cfg.split_k > 1:
@@ -520,7 +539,7 @@ def _fp8_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, out_dtype):
     qw, sw, rows_w = expand_fp8(w_codes, w_scales, ga, w_gs, buf[2 + m :], buf[1:2], st[2:4], rows_out=n_pad)
     mm_dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float16) else torch.float32
     bias_mm = None
-    if bias is not None:
+    if bias is not None and mm_dtype != torch.float32:  # cuBLAS takes no bias with an fp32 output
         bias_mm = bias.to(mm_dtype)
         if n_pad > n:
             bias_mm = torch.cat((bias_mm, bias_mm.new_zeros(n_pad - n)))
@@ -528,6 +547,8 @@ def _fp8_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, out_dtype):
                          use_fast_accum=False)
     if n_pad > n:
         y = y[:, :n].contiguous()
+    if bias is not None and mm_dtype == torch.float32:
+        y += bias.to(torch.float32)
     _exact_rows(x, a_codes, a_scales, w_codes, w_scales, transform, w_gs, ga, bias, f, y, rows_a, buf[0:1], False)
     _exact_rows(x, a_codes, a_scales, w_codes, w_scales, transform, w_gs, ga, bias, f, y, rows_w, buf[1:2], True)
     return y if y.dtype == out_dtype else y.to(out_dtype)
