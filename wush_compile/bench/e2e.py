@@ -1,0 +1,352 @@
+"""End-to-end benchmark: compiled generation of a calibrated model against the same model in bf16.
+
+For each model: prefill tokens/s (one prompt of ``prompt_len``) and decode tokens/s (batch 1 and 16,
+``new_tokens`` greedy steps on a static KV cache) for
+
+    bf16:  torch.compile(forward, backend="inductor", mode=MODE)
+    wush:  torch.compile(forward, backend="wush",     mode=MODE)
+
+in the same run, plus compile time, peak GPU memory, the model's bytes, and the dynamo counters after
+warm-up (no recompiles may happen while timing). Models:
+
+    smollm2   the real SmolLM2-135M-Instruct, calibrated with WUSH + GPTQ on installed text (also yields the
+              greedy text of fp / eager wush / compiled wush)
+    llama8b   a Llama-3.1-8B-shaped model built from its config with RANDOM weights, calibrated with RTN and
+              random Hessians: for speed only, its outputs mean nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import Format, Method, TransformKind, WushConfig
+from ..modules import WushLinear
+from . import common
+
+logger = logging.getLogger(__name__)
+
+MODE = "reduce-overhead"
+LLAMA_8B = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+)
+PROMPT = "The three most important ideas in computer science are"
+
+
+@dataclasses.dataclass(frozen=True)
+class E2ESettings:
+    models: tuple[str, ...] = ("smollm2", "llama8b")
+    fmt: Format = Format.MXFP4
+    prompt_len: int = 2048
+    new_tokens: int = 256
+    batches: tuple[int, ...] = (1, 16)
+    mode: str | None = MODE
+    layers: int | None = None  # override the number of decoder layers (smoke tests)
+    text_tokens: int = 48  # greedy tokens shown for the real model
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fmt", Format.parse(self.fmt))
+        unknown = [m for m in self.models if m not in ("smollm2", "llama8b", "tiny")]
+        if unknown:
+            raise ValueError(f"e2e: unknown model(s) {unknown}; choose from smollm2, llama8b")
+        if self.prompt_len < 1 or self.new_tokens < 1 or not self.batches or min(self.batches) < 1:
+            raise ValueError(f"e2e: prompt_len, new_tokens and batches must be positive, got {self}")
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def _random_llama(device, dtype, layers: int | None, tiny: bool = False) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(LLAMA_8B)
+    if tiny:
+        cfg.update(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                   vocab_size=512, num_hidden_layers=2)
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
+    config = LlamaConfig(**cfg)
+    with torch.device(device), _default_dtype(dtype):
+        model = LlamaForCausalLM(config)
+    model.eval().requires_grad_(False)
+    return model.to(dtype)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _random_hessian(k: int, device, gen: torch.Generator) -> torch.Tensor:
+    """A random SPD (K, K) Hessian with an anisotropic spectrum (speed benchmarks only)."""
+    a = torch.randn(k, 256, device=device, generator=gen) * torch.rand(k, 1, device=device, generator=gen)
+    return a @ a.t() / 256 + 1e-3 * torch.eye(k, device=device)  # (K, K)
+
+
+def calibrate_random(model: nn.Module, config: WushConfig, seed: int = 0) -> int:
+    """RTN with random Hessians for every decoder Linear (lm_head stays high precision). Returns the count."""
+    from calibrate import quantize_linear
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"]
+    for name in tqdm(names, desc="RTN (random Hessians)", unit="layer"):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        h = _random_hessian(linear.in_features, linear.weight.device, gen)
+        setattr(parent, child, quantize_linear(linear, h, config, name=name))
+        del linear, h
+    return len(names)
+
+
+def model_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+# ------------------------------------------------------------------------------------------- generation
+
+
+class Runner:
+    """Compiled prefill and decode steps over a static KV cache (one compiled callable per phase)."""
+
+    def __init__(self, model: nn.Module, backend: str, mode: str | None, device) -> None:
+        self.model = model
+        self.device = device
+        kw = dict(backend=backend, fullgraph=True, dynamic=False)
+        if mode is not None:
+            kw["mode"] = mode
+
+        def prefill(ids, cache, pos):
+            out = model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True)
+            return out.logits[:, -1, :].argmax(-1, keepdim=True)  # (B, 1)
+
+        def decode(ids, cache, pos):
+            out = model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True)
+            return out.logits[:, -1, :].argmax(-1, keepdim=True)  # (B, 1)
+
+        self.prefill = torch.compile(prefill, **kw) if backend else prefill
+        self.decode = torch.compile(decode, **kw) if backend else decode
+
+    def cache(self, batch: int, max_len: int):
+        from transformers import StaticCache
+
+        cfg = self.model.config
+        cache = StaticCache(config=cfg, max_cache_len=max_len)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        cache.early_initialization(batch_size=batch, num_heads=cfg.num_key_value_heads, head_dim=head_dim,
+                                   dtype=self.model.dtype, device=self.device)
+        return cache
+
+    def generate(self, ids: torch.Tensor, new_tokens: int, cache=None, timed: bool = False):
+        """Greedy: returns (tokens (B, new_tokens), prefill seconds, decode seconds)."""
+        b, t = ids.shape
+        cache = cache if cache is not None else self.cache(b, t + new_tokens)
+        sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        tok = self.prefill(ids, cache, torch.arange(t, device=ids.device)).clone()  # (B, 1)
+        sync()
+        t1 = time.perf_counter()
+        out = [tok]
+        pos = torch.full((1,), t, dtype=torch.long, device=ids.device)
+        for _ in range(new_tokens - 1):
+            # Outputs of a CUDA-graph replay are overwritten by the next replay: keep a copy.
+            tok = self.decode(tok, cache, pos).clone()
+            out.append(tok)
+            pos = pos + 1
+        sync()
+        t2 = time.perf_counter()
+        return torch.cat(out, 1), t1 - t0, t2 - t1
+
+
+def _counters() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": int(counters["stats"]["unique_graphs"]), "frames_ok": int(counters["frames"]["ok"]),
+            "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0}
+
+
+def measure(model: nn.Module, backend: str, s: E2ESettings, vocab: int, device, label: str) -> dict:
+    """Compile, warm up every shape, then time prefill and decode; report counters before/after timing."""
+    torch._dynamo.reset()
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    runner = Runner(model, backend, s.mode if torch.cuda.is_available() else None, device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    res: dict = {"label": label, "backend": backend, "model_bytes": model_bytes(model)}
+    batches = sorted(set(s.batches) | {1})
+    short = {b: torch.randint(0, vocab, (b, 16), generator=gen).to(device) for b in batches}
+    long = torch.randint(0, vocab, (1, s.prompt_len), generator=gen).to(device)
+    # One cache per batch size, reused (reset) for every run: a new cache would be new static addresses.
+    caches = {b: runner.cache(b, (s.prompt_len if b == 1 else 16) + s.new_tokens) for b in batches}
+    # Warm-up (= compilation and CUDA-graph recording) of every shape that is timed later.
+    t0 = time.perf_counter()
+    runner.generate(long, 3, cache=caches[1])
+    for b in batches:
+        caches[b].reset()
+        runner.generate(short[b], 3, cache=caches[b])
+    res["compile_s"] = time.perf_counter() - t0
+    before = _counters()
+    # Prefill: batch 1, prompt_len tokens, median of 5.
+    pre = []
+    for _ in range(5):
+        caches[1].reset()
+        _, tp, _ = runner.generate(long, 1, cache=caches[1])
+        pre.append(tp)
+    res["prefill_tok_s"] = s.prompt_len / sorted(pre)[len(pre) // 2]
+    # Decode: new_tokens greedy steps after a 16-token prompt, per batch size.
+    for b in s.batches:
+        caches[b].reset()
+        _, _, td = runner.generate(short[b], s.new_tokens, cache=caches[b])
+        res[f"decode_b{b}_tok_s"] = b * (s.new_tokens - 1) / td
+    after = _counters()
+    res["counters_after_warmup"] = before
+    res["recompiles_while_timing"] = after["unique_graphs"] - before["unique_graphs"]
+    if torch.cuda.is_available():
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return res
+
+
+# -------------------------------------------------------------------------------------------- the bench
+
+
+def _text_check(model, tok, runner_wush: Runner, fp_tokens: torch.Tensor, s: E2ESettings, device) -> dict:
+    ids = tok(PROMPT, return_tensors="pt").input_ids.to(device)
+    eager = Runner(model, "", None, device)
+    eager_tokens, _, _ = eager.generate(ids, s.text_tokens)
+    comp_tokens, _, _ = runner_wush.generate(ids, s.text_tokens)
+    same = (eager_tokens == comp_tokens)[0]
+    first_diff = int((~same).nonzero()[0]) if not bool(same.all()) else None
+    return {
+        "prompt": PROMPT,
+        "fp": tok.decode(fp_tokens[0]),
+        "wush_eager": tok.decode(eager_tokens[0]),
+        "wush_compiled": tok.decode(comp_tokens[0]),
+        "compiled_equals_eager": first_diff is None,
+        "first_difference_at": first_diff,
+    }
+
+
+def run_model(name: str, s: E2ESettings, device) -> dict:
+    dtype = torch.bfloat16
+    out: dict = {"model": name}
+    if name == "smollm2":
+        from calibrate import calibrate
+        from calibrate.data import calibration_batches, default_texts, tokenize
+        from calibrate.models import load_model
+
+        model, tok = load_model(None, dtype=torch.float32)
+        model = model.to(device=device, dtype=dtype).eval()
+        vocab = model.config.vocab_size
+        ids = tok(PROMPT, return_tensors="pt").input_ids.to(device)
+        fp_tokens, _, _ = Runner(model, "", None, device).generate(ids, s.text_tokens)
+        out["bf16"] = measure(model, "inductor", s, vocab, device, "bf16")
+        cfg = WushConfig(format=s.fmt, method=Method.GPTQ, transform=TransformKind.WUSH, nsamples=32, seqlen=512)
+        calib_text, _ = default_texts()
+        t0 = time.perf_counter()
+        calibrate(model, calibration_batches(tokenize(tok, calib_text), cfg.nsamples, cfg.seqlen, seed=0), cfg)
+        out["calibration_s"] = time.perf_counter() - t0
+        out["calibration"] = f"{cfg.format.value} {cfg.method.value} {cfg.transform.value}, pydoc_data text"
+        out["wush"] = measure(model, "wush", s, vocab, device, f"wush {s.fmt.value}")
+        runner = Runner(model, "wush", s.mode if torch.cuda.is_available() else None, device)
+        out["text"] = _text_check(model, tok, runner, fp_tokens, s, device)
+    else:
+        tiny = name == "tiny"
+        model = _random_llama(device, dtype, s.layers, tiny=tiny)
+        vocab = model.config.vocab_size
+        out["note"] = "random weights, RTN with random Hessians: speed only, outputs are meaningless"
+        out["bf16"] = measure(model, "inductor", s, vocab, device, "bf16")
+        cfg = WushConfig(format=s.fmt, method=Method.RTN, transform=TransformKind.WUSH)
+        t0 = time.perf_counter()
+        out["quantized_layers"] = calibrate_random(model, cfg)
+        out["calibration_s"] = time.perf_counter() - t0
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        out["wush"] = measure(model, "wush", s, vocab, device, f"wush {s.fmt.value}")
+    b, w = out["bf16"], out["wush"]
+    out["ratios"] = {k: w[k] / b[k] for k in b if k.endswith("tok_s")}
+    out["ratios"]["model_bytes"] = w["model_bytes"] / b["model_bytes"]
+    n_wush = sum(isinstance(m, WushLinear) for m in model.modules())
+    out["wush_linears"] = n_wush
+    del model
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return out
+
+
+def format_table(results: list[dict]) -> str:
+    cols = ["prefill_tok_s"] + [k for k in results[0]["bf16"] if k.startswith("decode_")] + [
+        "compile_s", "peak_mem_gib", "model_bytes"]
+    lines = ["| model | variant | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for r in results:
+        for variant in ("bf16", "wush"):
+            row = r[variant]
+            cells = []
+            for c in cols:
+                v = row.get(c)
+                cells.append("-" if v is None else f"{v / 2**30:.2f} GiB" if c == "model_bytes" else f"{v:.1f}")
+            lines.append(f"| {r['model']} | {row['label']} | " + " | ".join(cells) + " |")
+        ratio = " | ".join(f"{r['ratios'].get(c, float('nan')):.2f}x" if c in r["ratios"] else "" for c in cols)
+        lines.append(f"| {r['model']} | wush / bf16 | {ratio} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in results[0]["ratios"] if k.endswith("tok_s")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(results))
+    for i, r in enumerate(results):
+        ax.bar([j + i * width for j in range(len(keys))], [r["ratios"][k] for k in keys], width, label=r["model"])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(keys))])
+    ax.set_xticklabels([k.replace("_tok_s", "") for k in keys])
+    ax.set_ylabel("tokens/s, wush / compiled bf16")
+    ax.set_title("End to end, same run, same GPU")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(s: E2ESettings, out_dir: Path | None = None, log: Callable[[str], None] = logger.info) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = common.environment()
+    log(common.header(env))
+    results = []
+    for name in s.models:
+        results.append(run_model(name, s, device))
+        log(format_table(results[-1:]))
+    table = format_table(results)
+    log("\n" + table)
+    out = {"environment": env, "settings": dataclasses.asdict(s) | {"fmt": s.fmt.value}, "results": results}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        common.save_json(out_dir / "e2e.json", out)
+        plot(results, out_dir / "e2e.png")
+    return out
