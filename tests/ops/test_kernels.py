@@ -144,6 +144,23 @@ def test_linear_matches_reference(route, fmt, dtype, bias):
         assert err < 2 * err_ref + 1e-4, f"rel err {err:.3e} (reference twin {err_ref:.3e})"
 
 
+@pytest.mark.parametrize("fmt", FMTS)
+def test_decode_middle_path_one_token_tile(fmt):
+    """16 < M <= 128 runs one token tile of 64 or 128 (weights read once)."""
+    gen = torch.Generator().manual_seed(10)
+    g = _g(fmt)
+    m, n, k = 70, 40, 256
+    tiles = kernels.linear_tiles(m, n, k, fmt)
+    assert tiles.block_m == 128
+    x = torch.randn(m, k, generator=gen).to(DEV)
+    t = torch.linalg.qr(torch.randn(k // g, g, g, generator=gen))[0].contiguous().to(DEV)
+    codes, scales, w_gs = _weights(n, k, fmt, gen)
+    a_gs = _act_gs(fmt)
+    y = kernels.linear(x, codes, scales, t, w_gs, a_gs, None, fmt, "triton_decode")
+    ref = _ref64(x, codes, scales, t, w_gs, a_gs, None, fmt)
+    assert float((y.double() - ref).norm() / ref.norm()) < 1e-5
+
+
 @pytest.mark.parametrize("route", ["triton_fp8"])
 def test_fp8_route_exact_fallback(route):
     """Rows whose exponents do not fold into e4m3 (activations and weights) and NaN rows are detected,

@@ -136,12 +136,14 @@ def run(layers=None, ms=MS, fmts=FORMATS, out_dir: Path | None = None, seed: int
             for m in ms:
                 xs = [torch.randn(m, k, device=dev, generator=gen, dtype=torch.bfloat16)
                       for _ in range(max(len(Ls), common.rotations(2 * m * k, cap=8)))]
-                graph = m <= 16
+                graph = True  # every timing through CUDA graphs (GPU time); eager times too for M > 16
                 flops = 2.0 * m * n * k
                 # baselines (timed once per format row set; cheap enough to repeat)
                 nb = max(len(w_bf16), 1)
                 t_bf16 = common.bench_us([(lambda i=i: F.linear(xs[i % len(xs)], w_bf16[i % nb]))
                                           for i in range(max(nb, 2))], graph)
+                t_bf16_eager = common.bench_us([(lambda i=i: F.linear(xs[i % len(xs)], w_bf16[i % nb]))
+                                                for i in range(max(nb, 2))], False) if m > 16 else None
                 x8 = [x.to(torch.float8_e4m3fn) for x in xs[:2]]
                 sa = torch.rand(m, 1, device=dev, generator=gen) + 0.5
                 t_fp8 = common.bench_us([(lambda i=i: torch._scaled_mm(
@@ -166,17 +168,22 @@ def run(layers=None, ms=MS, fmts=FORMATS, out_dir: Path | None = None, seed: int
                         rows.append(dict(layer=name, n=n, k=k, m=m, fmt=fmt_name, route=route, us=None, err=str(e)))
                         torch.cuda.synchronize()
                         continue
+                    us_eager = common.bench_us([(lambda i=i: fn(xs[i % len(xs)], Ls[i % len(Ls)]))
+                                                for i in range(max(len(Ls), len(xs)))], False) if m > 16 else None
                     byts = _min_bytes(m, n, k, fmt)
                     limit_us = max(byts / ceil["copy_gbs"] / 1e3, flops / ceil["fp8_tflops"] / 1e6)
                     r = dict(layer=name, n=n, k=k, m=m, fmt=fmt_name, route=route, us=us, err=err,
                              tflops=flops / us / 1e6, gbs=byts / us / 1e3, bf16_us=t_bf16, fp8_us=t_fp8,
-                             x_bf16=t_bf16 / us, x_fp8=t_fp8 / us, pct_limit=100 * limit_us / us)
+                             x_bf16=t_bf16 / us, x_fp8=t_fp8 / us, pct_limit=100 * limit_us / us,
+                             us_eager=us_eager, bf16_us_eager=t_bf16_eager,
+                             x_bf16_eager=(t_bf16_eager / us_eager) if us_eager else None)
                     rows.append(r)
                     if best is None or us < best["us"]:
                         best = r
                     print(f"{name:>8} {fmt_name} M={m:>5} {route:>12}: {us:9.1f} us  {r['tflops']:7.1f} TFLOP/s "
                           f"{r['gbs']:7.0f} GB/s  x bf16 {r['x_bf16']:5.2f}  x fp8 {r['x_fp8']:5.2f}  "
-                          f"{r['pct_limit']:5.1f}% of limit  (bf16 {t_bf16:.1f} us, fp8 {t_fp8:.1f} us, err {err:.1e})",
+                          f"{r['pct_limit']:5.1f}% of limit  (bf16 {t_bf16:.1f} us, fp8 {t_fp8:.1f} us, err {err:.1e})"
+                          + (f"  eager {us_eager:.1f} us vs bf16 {t_bf16_eager:.1f} us" if us_eager else ""),
                           flush=True)
                 if best is not None:
                     best = dict(best, route_best=best["route"], route="best")
@@ -200,7 +207,7 @@ def run(layers=None, ms=MS, fmts=FORMATS, out_dir: Path | None = None, seed: int
 
 
 #: Decode tile candidates swept at the start of a run: (block_n, block_k, programs per SM, warps).
-SWEEP = ((64, 256, 4, 4), (64, 128, 4, 4), (64, 256, 8, 4), (64, 128, 8, 4), (32, 128, 8, 4))
+SWEEP = ((64, 256, 4, 4), (64, 128, 4, 4), (64, 256, 8, 4), (64, 128, 8, 4), (128, 128, 8, 8))
 
 
 def sweep_decode(names=("qkv", "o", "gate_up", "down"), ms=(1, 16), seed: int = 1) -> list[dict]:
@@ -287,14 +294,15 @@ def _bench_quant(k: int, fmt: Format, L: Layer, ceil: dict, gen) -> list[dict]:
 def format_table(result: dict) -> str:
     rows = [r for r in result["rows"] if r.get("route") == "best"]
     lines = [
-        "| layer (N x K) | M | fmt | route | us | TFLOP/s | GB/s | x bf16 | x fp8 | % of limit | bf16 us | fp8 us |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layer (N x K) | M | fmt | route | us | TFLOP/s | GB/s | x bf16 | x fp8 | % of limit | bf16 us | fp8 us | eager us (x bf16 eager) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['layer']} {r['n']}x{r['k']} | {r['m']} | {r['fmt']} | {r['route_best']} | {r['us']:.1f} | "
             f"{r['tflops']:.1f} | {r['gbs']:.0f} | {r['x_bf16']:.2f} | {r['x_fp8']:.2f} | {r['pct_limit']:.0f} | "
-            f"{r['bf16_us']:.1f} | {r['fp8_us']:.1f} |")
+            f"{r['bf16_us']:.1f} | {r['fp8_us']:.1f} | "
+            + (f"{r['us_eager']:.1f} ({r['x_bf16_eager']:.2f}) |" if r.get("us_eager") else "- |"))
     summ = summarize(result)
     lines.append("")
     for key, v in summ.items():

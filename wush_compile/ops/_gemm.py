@@ -208,38 +208,41 @@ def _fp4_linear_kernel(
 
 @triton.jit
 def _fp4_linear_exact_kernel(
-    x_ptr, stride_xm, t_ptr, ga_ptr, w_ptr, ws_ptr, gw_ptr, bias_ptr, out_ptr, list_ptr, count_ptr,
+    x_ptr, stride_xm, t_ptr, ga_ptr, w_ptr, ws_ptr, gw_ptr, bias_ptr, out_ptr, tok_list_ptr, w_list_ptr, count_ptr,
     M, N, NB,
-    IND_W: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FMT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BN: tl.constexpr, BM: tl.constexpr, NG: tl.constexpr, G: tl.constexpr, DOT_IEEE: tl.constexpr,
     USE_ASM: tl.constexpr,
 ):
-    """Exact outputs for listed rows: token rows (IND_W=False, grid over weight tiles) or weight rows
-    (IND_W=True, grid over token tiles). Nothing to do when the list is empty."""
+    """Exact outputs for the listed token rows (count_ptr[0] of them, program p covers weight tile p) and the
+    listed weight rows (count_ptr[1], program p covers token tile p). Nothing to do when both lists are empty."""
     pid = tl.program_id(0)
-    count = tl.load(count_ptr)
+    n_tok = tl.load(count_ptr)
+    n_w = tl.load(count_ptr + 1)
     ga = tl.load(ga_ptr)
     gscale = ga * tl.load(gw_ptr)
-    if IND_W:
-        tok = pid * BM + tl.arange(0, BM)
-        tok_mask = tok < M
-        for c0 in range(0, count, BN):
-            i = c0 + tl.arange(0, BN)
-            w_mask = i < count
-            wn = tl.load(list_ptr + i, mask=w_mask, other=0)
-            acc = _linear_tile(x_ptr, stride_xm, t_ptr, ga, x_ptr, x_ptr, w_ptr, ws_ptr, tok, tok_mask, wn, w_mask,
-                               0, NB, NB, FMT, True, BN, BM, NG, G, DOT_IEEE, USE_ASM)
-            _store_out(out_ptr, acc, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS)
-    else:
-        wn = pid * BN + tl.arange(0, BN)
-        w_mask = wn < N
-        for c0 in range(0, count, BM):
-            i = c0 + tl.arange(0, BM)
-            tok_mask = i < count
-            tok = tl.load(list_ptr + i, mask=tok_mask, other=0)
-            acc = _linear_tile(x_ptr, stride_xm, t_ptr, ga, x_ptr, x_ptr, w_ptr, ws_ptr, tok, tok_mask, wn, w_mask,
-                               0, NB, NB, FMT, True, BN, BM, NG, G, DOT_IEEE, USE_ASM)
-            _store_out(out_ptr, acc, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS)
+    # listed token rows x weight tile pid
+    wn = pid * BN + tl.arange(0, BN)
+    w_mask = wn < N
+    n_tok_here = tl.where(pid * BN < N, n_tok, 0)
+    for c0 in range(0, n_tok_here, BM):
+        i = c0 + tl.arange(0, BM)
+        tok_mask = i < n_tok
+        tok = tl.load(tok_list_ptr + i, mask=tok_mask, other=0)
+        acc = _linear_tile(x_ptr, stride_xm, t_ptr, ga, x_ptr, x_ptr, w_ptr, ws_ptr, tok, tok_mask, wn, w_mask,
+                           0, NB, NB, FMT, True, BN, BM, NG, G, DOT_IEEE, USE_ASM)
+        _store_out(out_ptr, acc, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS)
+    # token tile pid x listed weight rows
+    tok2 = pid * BM + tl.arange(0, BM)
+    tok2_mask = tok2 < M
+    n_w_here = tl.where(pid * BM < M, n_w, 0)
+    for c0 in range(0, n_w_here, BN):
+        i = c0 + tl.arange(0, BN)
+        w2_mask = i < n_w
+        wn2 = tl.load(w_list_ptr + i, mask=w2_mask, other=0)
+        acc = _linear_tile(x_ptr, stride_xm, t_ptr, ga, x_ptr, x_ptr, w_ptr, ws_ptr, tok2, tok2_mask, wn2, w2_mask,
+                           0, NB, NB, FMT, True, BN, BM, NG, G, DOT_IEEE, USE_ASM)
+        _store_out(out_ptr, acc, tok2, tok2_mask, wn2, w2_mask, gscale, bias_ptr, N, HAS_BIAS)
 
 
 @triton.jit

@@ -58,6 +58,8 @@ _PROGRAMS_PER_SM = 4
 FP4_GEMM_TRITON_MAX_M = 64
 #: cuBLAS's fp8 GEMM needs the output width to be a multiple of this; the fp8 route pads N with zero rows.
 FP8_N_ALIGN = 16
+#: N * K from which a layer counts as large for the decode tiles (2**25 weights, e.g. 8B down / gate_up).
+_LARGE_LAYER = 1 << 25
 #: Largest number of split-K tiles (counters) one device keeps.
 _MAX_LOCKS = 1 << 16
 
@@ -116,23 +118,32 @@ def quant_tiles(m: int, k: int, fmt: Format | str) -> QuantTiles:
 
 
 def linear_tiles(
-    m: int, n: int, k: int, fmt: Format | str, sms: int = _DEFAULT_SMS, *, block_n: int = 64, block_k: int = 256,
-    fused_act: bool = False, programs_per_sm: int = _PROGRAMS_PER_SM, num_warps: int = 4, num_stages: int = 3,
+    m: int, n: int, k: int, fmt: Format | str, sms: int = _DEFAULT_SMS, *, block_n: int = 64,
+    block_k: int | None = None, fused_act: bool = False, programs_per_sm: int | None = None,
+    num_warps: int | None = None, num_stages: int = 3,
 ) -> LinearTiles:
     """Split-K so that about ``programs_per_sm`` programs per SM stream weights."""
-    g = Format.parse(fmt).group_size
+    f = Format.parse(fmt)
+    g = f.group_size
+    if block_k is None:  # measured (benchmarks/NOTES_kernels.md): 256 pays on large MXFP4 layers only
+        block_k = 256 if (f is Format.MXFP4 and n * k >= _LARGE_LAYER) else 128
+    if programs_per_sm is None:
+        programs_per_sm = 8 if n * k >= 2 * _LARGE_LAYER else _PROGRAMS_PER_SM
     if fused_act:
         block_k = 128  # the fused prologue's register budget
     while block_k > 2 * g and k % block_k:  # the step must divide K (no column masks in the GEMM)
         block_k //= 2
     if k % block_k:
         block_k = g
-    tiles = math.ceil(n / block_n) * math.ceil(m / 16)
+    block_m = 16 if (m <= 16 or fused_act) else (64 if m <= 64 else 128)  # one token tile up to M = 128
+    if num_warps is None:
+        num_warps = 8 if block_m == 128 else 4
+    tiles = math.ceil(n / block_n) * math.ceil(m / block_m)
     steps = math.ceil(k / block_k)
     split = max(1, min(steps, round(sms * programs_per_sm / tiles)))
     per_split = math.ceil(steps / split)
     split = math.ceil(steps / per_split)
-    return LinearTiles(block_n, 16, block_k, split, per_split, num_warps, num_stages, fused_act)
+    return LinearTiles(block_n, block_m, block_k, split, per_split, num_warps, num_stages, fused_act)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,7 +336,7 @@ def expand_fp8(
         q[r:].zero_()
         row_scale[r:].zero_()
     rows = torch.empty((max(r, 1),), dtype=torch.int32, device=codes.device)
-    br, ngc = 32, 4
+    br, ngc = 32, 16
     _gemm._expand_fp8_kernel[(triton_cdiv(r, br), triton_cdiv(nb, ngc))](
         codes, scales, _as_scalar_tensor(g1, codes.device), _as_scalar_tensor(g2, codes.device), q, row_scale,
         flags, counter, rows, stats, r, nb, BR=br, NGC=ngc, NGS=32, G=g, num_warps=4,
@@ -406,7 +417,7 @@ def fp4_gemm(
     f = Format.parse(fmt)
     m, n, k = a_codes.shape[0], w_codes.shape[0], 2 * a_codes.shape[1]
     if m <= FP4_GEMM_TRITON_MAX_M and f is Format.MXFP4:
-        cfg = linear_tiles(m, n, k, f, _sm_count(a_codes.device), block_k=128)
+        cfg = linear_tiles(m, n, k, f, _sm_count(a_codes.device), block_k=128, fused_act=True)
         return _fp4_linear(None, a_codes.contiguous(), a_scales.contiguous(), None, a_global_scale,
                            w_codes.contiguous(), w_scales.contiguous(), w_global_scale, bias, f, out_dtype, cfg)
     a = dequantize_codes(a_codes, a_scales, fmt)
@@ -507,20 +518,19 @@ def _gemv_only(a_sa, w_codes, w_scales, w_gs, a_gs, f: Format, cfg: LinearTiles,
     return out
 
 
-def _exact_rows(x, a_codes, a_scales, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, out, rows, count,
-                weights: bool):
-    """Overwrite out's listed token rows (weights=False) or weight columns (weights=True) with exact values."""
+def _exact_rows(x, w_codes, w_scales, transform, w_gs, bias, f: Format, out, tok_rows, w_rows, counts):
+    """Overwrite out's listed token rows and listed weight columns with exact values (one launch; its
+    programs return at once when both lists are empty)."""
     _, _gemm = _mods()
     m, k = x.shape
     n = w_codes.shape[0]
     g = f.group_size
     bn, bm, ng = 64, 16, max(1, 128 // g)
-    grid = (triton_cdiv(m, bm),) if weights else (triton_cdiv(n, bn),)
-    ga = _mx_global(x.device) if f is Format.MXFP4 else _as_scalar_tensor(a_gs, x.device)
+    grid = (max(triton_cdiv(m, bm), triton_cdiv(n, bn)),)
     _gemm._fp4_linear_exact_kernel[grid](
-        x, x.stride(0), transform, ga, w_codes, w_scales, _as_scalar_tensor(w_gs, x.device),
-        bias if bias is not None else out, out, rows, count, m, n, k // g,
-        IND_W=weights, FMT=_fmt_id(f), HAS_BIAS=bias is not None, BN=bn, BM=bm, NG=ng, G=g,
+        x, x.stride(0), transform, _mx_global(x.device), w_codes, w_scales, _as_scalar_tensor(w_gs, x.device),
+        bias if bias is not None else out, out, tok_rows, w_rows, counts, m, n, k // g,
+        FMT=_fmt_id(f), HAS_BIAS=bias is not None, BN=bn, BM=bm, NG=ng, G=g,
         DOT_IEEE=_dot_ieee(x, transform), USE_ASM=_use_asm(x.device), num_warps=4,
     )
 
@@ -549,8 +559,7 @@ def _fp8_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, out_dtype):
         y = y[:, :n].contiguous()
     if bias is not None and mm_dtype == torch.float32:
         y += bias.to(torch.float32)
-    _exact_rows(x, a_codes, a_scales, w_codes, w_scales, transform, w_gs, ga, bias, f, y, rows_a, buf[0:1], False)
-    _exact_rows(x, a_codes, a_scales, w_codes, w_scales, transform, w_gs, ga, bias, f, y, rows_w, buf[1:2], True)
+    _exact_rows(x, w_codes, w_scales, transform, w_gs, bias, f, y, rows_a, rows_w, buf[0:2])
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
