@@ -100,7 +100,7 @@ def test_sm100_gemm_uses_block_scaled_tcgen05_mma(toolchain, cuobjdump, build_ro
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt,ptx_re,sass_re", [
-    ("mxfp4", r"mma\.sync\.aligned\.kind::mxf4\.block_scale\.scale_vec::2X\.m16n8k64\.row\.col\.f32\.e2m1\.e2m1\.f32\.ue8m0",
+    ("mxfp4", r"mma\.sync\.aligned\.kind::mxf4nvf4\.block_scale\.scale_vec::2X\.m16n8k64\.row\.col\.f32\.e2m1\.e2m1\.f32\.ue8m0",
      r"OMMA\.SF\.16864\.F32\.E2M1\.E2M1\.E8"),
     ("nvfp4", r"mma\.sync\.aligned\.kind::mxf4nvf4\.block_scale\.scale_vec::4X\.m16n8k64\.row\.col\.f32\.e2m1\.e2m1\.f32\.ue4m3",
      r"OMMA\.SF\.16864\.F32\.E2M1\.E2M1\.UE4M3"),

@@ -31,7 +31,7 @@ LAYERS = (
     ("smollm2.gate_up", 3072, 576),
     ("smollm2.down", 576, 1536),
 )
-MS = (1, 16, 128, 1024, 4096)
+MS = (1, 16, 2048, 8192)
 
 
 @dataclasses.dataclass
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     env = environment()
     result: dict = {"environment": env}
     sys.stdout.write(json.dumps(env) + "\n")
-    layers = LAYERS[:2] + LAYERS[4:5] if args.quick else LAYERS
+    layers = LAYERS[:2] + LAYERS[4:5] if args.quick else LAYERS[:5]
     if fp8_available()[0]:
         rows = bench_fp8_gemm(layers=layers)
         result["fp8_gemm"] = [dataclasses.asdict(r) for r in rows]
