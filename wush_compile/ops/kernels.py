@@ -267,7 +267,8 @@ def _host_scalar(t: torch.Tensor) -> float:
 
 
 def transform_quantize(
-    x: torch.Tensor, transform: torch.Tensor, act_global_scale: torch.Tensor, fmt: str
+    x: torch.Tensor, transform: torch.Tensor, act_global_scale: torch.Tensor, fmt: str,
+    tiles: QuantTiles | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise transform (fp32 accumulation) + quantize: x (M, K) -> codes (M, K/2) uint8, scales (M, K/G) uint8."""
     f = Format.parse(fmt)
@@ -281,7 +282,7 @@ def transform_quantize(
     codes = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
     scales = torch.empty((m, nb), dtype=torch.uint8, device=x.device)
     gs = _mx_global(x.device) if f is Format.MXFP4 else _as_scalar_tensor(act_global_scale, x.device)
-    cfg = quant_tiles(m, k, f)
+    cfg = tiles or quant_tiles(m, k, f)
     grid = (triton_cdiv(m, cfg.block_m), triton_cdiv(nb, cfg.groups))
     _quant._transform_quantize_kernel[grid](
         x, x.stride(0), t, gs, codes, scales, codes, m, nb,
