@@ -52,7 +52,9 @@ __all__ = [
 ]
 
 # ---- thresholds (the kernels engineer tunes these from measurements; nothing else in this file) ----
-#: Largest M (tokens in the call) that takes the decode kernel.
+#: Largest M (tokens in the call) that takes the decode kernel. Measured on an H100 (benchmarks/RESULTS.md,
+#: 2026-11-23): the decode kernel is the fastest route at M = 1 and 16 on every shape and format, and slower
+#: than the prefill routes at M = 128 on all of them.
 DECODE_MAX_M = 16
 #: Oldest capability the Triton kernels run on (bf16 MMA).
 MIN_TRITON_CAPABILITY = (8, 0)

@@ -112,9 +112,14 @@ class LinearTiles:
 
 
 def quant_tiles(m: int, k: int, fmt: Format | str) -> QuantTiles:
-    """128 columns per program step (4 MXFP4 / 8 NVFP4 blocks), 64 rows per program (16 for tiny M)."""
-    g = Format.parse(fmt).group_size
-    return QuantTiles(block_m=16 if m <= 16 else 64, groups=max(1, 128 // g), num_warps=4)
+    """128 columns per program (4 MXFP4 / 8 NVFP4 blocks); 64 rows for MXFP4, 32 for NVFP4 (16 for tiny M).
+
+    Measured at M=8192, K=4096 (benchmarks/results/h100_2026-11-23/sweep_kernels.log): MXFP4 64 rows 55.6% of
+    copy (32: 55.0%, 128: 30.7%); NVFP4 32 rows 37.3% (64: 30.2%, 128: 23.1%)."""
+    f = Format.parse(fmt)
+    g = f.group_size
+    block_m = 16 if m <= 16 else (64 if f is Format.MXFP4 else 32)
+    return QuantTiles(block_m=block_m, groups=max(1, 128 // g), num_warps=4)
 
 
 def linear_tiles(
