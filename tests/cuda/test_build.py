@@ -8,7 +8,8 @@ cubins contain, read back with cuobjdump:
   ``OMMA.SF ... E2M1.E2M1``;
 - the host library evaluates CUTLASS's scale-factor layout, which must equal wush_compile.cuda.layout.
 
-Artifacts are cached under pytest's cache directory keyed by the kernel sources, so only the first run compiles.
+Artifacts are cached under pytest's cache directory (file names carry the sources' hash), so only the first
+run after a kernel edit compiles.
 Measured on the 2-core CI-like machine (2026-11-23, other jobs running): one CUTLASS GEMM cubin takes about
 45 s of CPU, the quantize cubins about 5 s each; the FP4 checks are marked slow.
 """
@@ -53,6 +54,10 @@ def _build(toolchain, root, arch, names):
     return builder.build([arch], out=root, only=names, toolchain=toolchain, jobs=2)[arch]
 
 
+def _target(arch, name):
+    return next(t for t in builder.targets(arch) if t.name == name)
+
+
 def _sass(cuobjdump, cubin: Path) -> str:
     return subprocess.run([str(cuobjdump), "--dump-sass", str(cubin)], capture_output=True, text=True,
                           check=True).stdout
@@ -65,7 +70,7 @@ def _opcodes(sass: str) -> list[str]:
 def test_quantize_kernels_compile_for_every_architecture(toolchain, cuobjdump, build_root):
     for arch in ("sm_90a", "sm_100a", "sm_120a"):
         d = _build(toolchain, build_root, arch, ["transform_quantize"])
-        cubin = d / f"transform_quantize.{arch}.cubin"
+        cubin = d / _target(arch, "transform_quantize").filename
         sass = _sass(cuobjdump, cubin)
         assert f"code for {arch}" in sass
         names = set(re.findall(r"Function : (\w+)", sass))
@@ -75,7 +80,7 @@ def test_quantize_kernels_compile_for_every_architecture(toolchain, cuobjdump, b
         ops = _opcodes(sass)
         assert "STL" not in ops and "LDL" not in ops
         manifest = (d / "manifest.json").read_text()
-        assert builder.source_hash() in manifest and toolchain.version_text in manifest
+        assert cubin.name in manifest and toolchain.version_text in manifest
 
 
 @pytest.mark.slow
@@ -86,10 +91,11 @@ def test_quantize_kernels_compile_for_every_architecture(toolchain, cuobjdump, b
 def test_sm100_gemm_uses_block_scaled_tcgen05_mma(toolchain, cuobjdump, build_root, fmt, ptx_kind, sass_mma):
     name = f"fp4_sm100_{fmt}_bf16"
     d = _build(toolchain, build_root, "sm_100a", [name])
-    ptx = (d / f"{name}.sm_100a.ptx").read_text()
+    t = _target("sm_100a", name)
+    ptx = (d / t.ptx_filename).read_text()
     assert ptx_kind in ptx
     assert "tcgen05.cp.cta_group::1" in ptx  # scale factors into tensor memory
-    sass = _sass(cuobjdump, d / f"{name}.sm_100a.cubin")
+    sass = _sass(cuobjdump, d / t.filename)
     assert "code for sm_100a" in sass and f"Function : wush_{name}_kernel" in sass
     ops = _opcodes(sass)
     assert sass_mma in ops, f"no block-scaled FP4 tcgen05 MMA ({sass_mma}) in the SASS"
@@ -108,8 +114,9 @@ def test_sm100_gemm_uses_block_scaled_tcgen05_mma(toolchain, cuobjdump, build_ro
 def test_sm120_gemm_uses_block_scaled_mma(toolchain, cuobjdump, build_root, fmt, ptx_re, sass_re):
     name = f"fp4_sm120_{fmt}_bf16"
     d = _build(toolchain, build_root, "sm_120a", [name])
-    assert re.search(ptx_re, (d / f"{name}.sm_120a.ptx").read_text())
-    sass = _sass(cuobjdump, d / f"{name}.sm_120a.cubin")
+    t = _target("sm_120a", name)
+    assert re.search(ptx_re, (d / t.ptx_filename).read_text())
+    sass = _sass(cuobjdump, d / t.filename)
     assert "code for sm_120a" in sass and f"Function : wush_{name}_kernel" in sass
     assert any(re.match(sass_re, op) for op in _opcodes(sass)), sorted({o for o in _opcodes(sass) if "MMA" in o})
 
@@ -117,7 +124,7 @@ def test_sm120_gemm_uses_block_scaled_mma(toolchain, cuobjdump, build_root, fmt,
 @pytest.fixture(scope="module")
 def sm100_host(toolchain, build_root):
     d = _build(toolchain, build_root, "sm_100a", ["fp4_gemm_sm100"])
-    lib = ctypes.CDLL(str(d / "libwush_fp4_gemm_sm100.so"))
+    lib = ctypes.CDLL(str(d / _target("sm_100a", "fp4_gemm_sm100").filename))
     lib.wush_fp4_sm100_sf_offset.restype = ctypes.c_int64
     lib.wush_fp4_sm100_sf_offset.argtypes = [ctypes.c_int32] + [ctypes.c_int64] * 4
     lib.wush_fp4_sm100_sf_size.restype = ctypes.c_int64

@@ -57,6 +57,12 @@ def test_available_needs_cuda_python_to_drive_the_gpu(monkeypatch):
     assert not ok and "pip install cuda-python" in why
 
 
+def _touch(d, targets):
+    d.mkdir(parents=True, exist_ok=True)
+    for t in targets:
+        (d / t.filename).write_bytes(b"")
+
+
 def test_available_reports_where_cubins_come_from(monkeypatch, tmp_path):
     _fake_gpu(monkeypatch, (12, 0))
     monkeypatch.setattr(loader, "driver", lambda: object())
@@ -72,25 +78,37 @@ def test_available_reports_where_cubins_come_from(monkeypatch, tmp_path):
         assert ok and "built on first use" in why and "sm_120a" in why
     else:
         assert not ok and "cannot be built here" in why
-    # A matching prebuilt directory wins, and a stale one is refused with the rebuild command.
+    # A directory holding this build's host library and quantize cubin wins ...
+    core = [t for t in build.targets("sm_120a") if t.kind in ("host", "quantize")]
     d = tmp_path / "prebuilt" / "sm_120a"
-    d.mkdir(parents=True)
-    (d / "manifest.json").write_text(json.dumps({"arch": "sm_120a", "source_hash": build.source_hash(), "files": []}))
+    _touch(d, core)
     monkeypatch.setenv("WUSH_CUDA_CUBIN_DIR", str(tmp_path / "prebuilt"))
     wcuda.clear_availability_cache()
     ok, why = wcuda.available("cuda:0")
     assert ok and str(d) in why
-    (d / "manifest.json").write_text(json.dumps({"arch": "sm_120a", "source_hash": "0" * 64, "files": []}))
+    # ... and artifacts of other sources (another hash in the name) are never picked up.
+    for t in core:
+        (d / t.filename).rename(d / t.filename.replace(t.content_hash, "0" * 16))
     wcuda.clear_availability_cache()
     ok, why = wcuda.available("cuda:0")
-    assert not ok and "other kernel sources" in why and "wush_compile.cuda.build" in why
+    assert not ok and "no sm_120a build of these kernel sources" in why
 
 
-def test_artifact_dir_never_builds_with_an_explicit_directory(monkeypatch, tmp_path):
+def test_artifacts_never_build_with_an_explicit_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("WUSH_CUDA_CUBIN_DIR", str(tmp_path))
-    (tmp_path / "manifest.json").write_text(json.dumps({"arch": "sm_100a", "source_hash": build.source_hash()}))
-    with pytest.raises(loader.CudaUnavailable, match="missing"):
-        loader.artifact_dir("sm_100a", ["fp4_sm100_mxfp4_bf16.sm_100a.cubin"])
+    gemm = next(t for t in build.targets("sm_100a") if t.name == "fp4_sm100_mxfp4_bf16")
+    with pytest.raises(loader.CudaUnavailable, match="rebuild with python -m wush_compile.cuda.build"):
+        loader.artifacts("sm_100a", [gemm])
+
+
+def test_host_library_and_cubins_come_from_one_directory(monkeypatch, tmp_path):
+    ts = [t for t in build.targets("sm_90a") if t.name in ("fp8_sm90_bf16", "fp8_gemm_sm90")]
+    _touch(tmp_path / "a", ts[:1])
+    _touch(tmp_path / "b", ts)
+    monkeypatch.setenv("WUSH_CUDA_CUBIN_DIR", str(tmp_path / "a"))
+    assert loader.find_artifacts("sm_90a", ts)[0] is None
+    monkeypatch.setenv("WUSH_CUDA_CUBIN_DIR", str(tmp_path / "b"))
+    assert loader.find_artifacts("sm_90a", ts)[0] == tmp_path / "b"
 
 
 def test_arch_for_capability():
@@ -121,7 +139,14 @@ def test_targets_and_variant_names():
     assert build.gemm_variant_name("sm_120a", "nvfp4", "fp16") == "fp4_sm120_nvfp4_fp16"
     assert build.gemm_variant_name("sm_90a", None, "bf16") == "fp8_sm90_bf16"
     host = [t for t in build.targets("sm_90a") if t.kind == "host"]
-    assert len(host) == 1 and host[0].filename == "libwush_fp8_gemm_sm90.so"
+    assert len(host) == 1 and host[0].filename == f"libwush_fp8_gemm_sm90.sm_90a.{host[0].content_hash}.so"
+    by = {t.name: t for t in build.targets("sm_100a")}
+    gemm, quant = by["fp4_sm100_mxfp4_bf16"], by["transform_quantize"]
+    assert gemm.filename == f"fp4_sm100_mxfp4_bf16.sm_100a.{gemm.content_hash}.cubin"
+    assert gemm.ptx_filename.endswith(".ptx") and host[0].ptx_filename is None
+    # Each artifact hashes exactly its inputs: variants differ, the quantize kernel ignores the GEMM headers.
+    assert len({t.content_hash for t in build.targets("sm_100a")}) == len(build.targets("sm_100a"))
+    assert quant.inputs == ("transform_quantize.cu",) and "wush_gemm_abi.cuh" in gemm.inputs
     with pytest.raises(build.BuildError, match="unknown architecture"):
         build.targets("sm_89")
 

@@ -190,7 +190,7 @@ def test_fp8_gemm_matches_fp64(hopper, m, n, k, out_dtype):
     assert worst <= 1.0, f"max error / bound = {worst:.3g}"
     # ... and the same numbers as cuBLAS through torch._scaled_mm with the same scales, to its own rounding.
     a, sa, b, sb, aa, ab, bias = args
-    if out_dtype != torch.float32:
+    if out_dtype != torch.float32 and n % 16 == 0 and k % 16 == 0:  # cuBLAS fp8 needs multiples of 16
         sm = torch._scaled_mm(a, b.t(), scale_a=sa[:, None], scale_b=sb[None, :], out_dtype=torch.float32,
                               use_fast_accum=False)
         sm = sm.double() * (aa * ab).double() + bias.double()
@@ -279,9 +279,9 @@ def test_transform_quantize_cuda_graph(arch):
 def _blackwell_kernel(arch, variant):
     from wush_compile.cuda import builder
 
-    d, _ = loader.find_artifact_dir(arch)
-    host = next(t for t in builder.targets(arch) if t.kind == "host")
-    if d is None or not (d / host.filename).is_file() or not (d / f"{variant}.{arch}.cubin").is_file():
+    ts = [t for t in builder.targets(arch) if t.kind == "host" or t.name == variant]
+    d, _ = loader.find_artifacts(arch, ts)
+    if d is None:
         pytest.skip(f"no {arch} artifacts here (build them with python -m wush_compile.cuda.build --arch {arch})")
     return loader.gemm_kernel(arch, variant)
 

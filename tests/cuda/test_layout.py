@@ -78,15 +78,15 @@ def test_shapes_and_errors():
 def test_quantize_launch_rows_per_cta(m, rows):
     plan = layout.quantize_launch(m, 4096, "mxfp4", torch.bfloat16, True)
     assert plan.block == (rows, 1, 1)
-    assert plan.grid == (-(-m // rows), 4096 // 32, 1)
-    assert plan.grid[0] * rows >= m > (plan.grid[0] - 1) * rows
+    assert plan.grid == (4096 // 32, -(-m // rows), 1)
+    assert plan.grid[1] * rows >= m > (plan.grid[1] - 1) * rows
     assert plan.smem_bytes == 32 * 32 * 4
     assert plan.kernel == "wush_tq_mxfp4_bf16"
 
 
 def test_quantize_launch_nvfp4_and_identity():
     plan = layout.quantize_launch(5, 64, Format.NVFP4, torch.float32, False)
-    assert plan.grid == (1, 4, 1) and plan.smem_bytes == 0 and plan.kernel == "wush_tq_nvfp4_fp32"
+    assert plan.grid == (4, 1, 1) and plan.smem_bytes == 0 and plan.kernel == "wush_tq_nvfp4_fp32"
     assert layout.quantize_launch(5, 64, "nvfp4", torch.float16, True).smem_bytes == 16 * 16 * 4
 
 
@@ -97,8 +97,8 @@ def test_quantize_launch_errors():
         layout.quantize_launch(0, 64, "mxfp4", torch.float32, True)
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         layout.quantize_launch(4, 64, "mxfp4", torch.float64, True)
-    with pytest.raises(ValueError, match="65535"):
-        layout.quantize_launch(4, 16 * 70000, "nvfp4", torch.float32, True)
+    with pytest.raises(ValueError, match="split the rows"):
+        layout.quantize_launch(128 * 65536, 64, "nvfp4", torch.float32, True)
 
 
 def test_gemm_shape_checks():

@@ -59,7 +59,8 @@ def _check(device: torch.device, archs: tuple[str, ...], what: str) -> tuple[boo
         loader.driver()
     except Exception as exc:  # CudaUnavailable (no cuda-python) or a driver error
         return False, f"cuda-python cannot drive the GPU: {exc}"
-    d, reason = loader.find_artifact_dir(arch)
+    core = [t for t in builder.targets(arch) if t.kind in ("host", "quantize")]
+    d, reason = loader.find_artifacts(arch, core)
     if d is not None:
         return True, f"{what} cubins for {arch}: {reason}"
     if os.environ.get("WUSH_CUDA_CUBIN_DIR"):
@@ -108,6 +109,12 @@ def status(device: Union[torch.device, str, int, None] = None) -> dict[str, Any]
     """What the explain report shows about the cubin path on ``device``."""
     ok, reason = available(device)
     info: dict[str, Any] = {"available": ok, "reason": reason, "source_hash": builder.source_hash()[:16]}
+    d = _as_device(device)
+    if d.type == "cuda" and torch.cuda.is_available():
+        arch = loader.arch_for_capability(tuple(torch.cuda.get_device_capability(d)))
+        if arch is not None:
+            info["arch"] = arch
+            info["search_dirs"] = [str(p) for p in loader.search_dirs(arch)]
     try:
         tc = builder.find_toolchain()
         info["nvcc"] = f"{tc.nvcc} ({tc.version_text})"

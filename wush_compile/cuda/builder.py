@@ -5,17 +5,18 @@ the CUTLASS kernels' launch parameters). The command line is :mod:`wush_compile.
 
 What is built, per architecture (see :func:`targets`):
 
-- ``<variant>.<arch>.cubin`` (+ ``.ptx``): one CUTLASS GEMM variant each, e.g. ``fp4_sm100_mxfp4_bf16`` (block-
+- ``<variant>.<arch>.<hash>.cubin`` (+ ``.ptx``): one CUTLASS GEMM variant each, e.g. ``fp4_sm100_mxfp4_bf16`` (block-
   scaled MXFP4 / NVFP4 GEMMs for sm_100a and sm_120a) or ``fp8_sm90_bf16`` (a row-scaled fp8 GEMM for sm_90a),
   holding one ``extern "C"`` kernel ``wush_<variant>_kernel``.
-- ``libwush_<source>.so``: the host half of one GEMM source (``wush_<variant>_info`` / ``_prepare``), built from
+- ``libwush_<source>.<arch>.<hash>.so``: the host half of one GEMM source (``wush_<variant>_info`` / ``_prepare``), built from
   the same text with ``-DWUSH_HOST_ONLY``; it runs CUTLASS's own host code to fill the kernel's Params (TMA
   descriptors included) and needs no CUDA runtime.
-- ``transform_quantize.<arch>.cubin``: the fused per-block transform + FP4 quantize kernels (plain CUDA).
+- ``transform_quantize.<arch>.<hash>.cubin``: the fused per-block transform + FP4 quantize kernels (plain CUDA).
 
-Artifacts land in a cache directory keyed by the kernel sources' hash, the CUTLASS headers' version, the nvcc
-version and the architecture (:func:`cache_dir`), each file written atomically, so concurrent builds and
-partial builds are safe and a finished file is never rebuilt. ``WUSH_CUDA_CACHE`` moves the cache root;
+Every file name carries a hash of exactly the sources, defines and flags it is built from
+(:attr:`Target.filename`), so an edited kernel never meets an old artifact and unchanged ones stay valid.
+Artifacts land in a cache directory keyed by the nvcc and CUTLASS versions and the architecture
+(:func:`cache_dir`), each file written atomically, so concurrent and partial builds are safe. ``WUSH_CUDA_CACHE`` moves the cache root;
 ``WUSH_NVCC`` / ``CUDA_HOME`` pick the compiler; ``WUSH_CUTLASS_INCLUDE`` the CUTLASS headers (default: the
 ``nvidia-cutlass`` pip package).
 """
@@ -108,10 +109,42 @@ class Target:
     defines: tuple[str, ...] = ()
 
     @property
+    def inputs(self) -> tuple[str, ...]:
+        """The kernel files this artifact is compiled from (the GEMMs include the shared headers)."""
+        if self.kind == "quantize":
+            return (self.source,)
+        return (self.source, *sorted(p.name for p in KERNEL_DIR.glob("*.cuh")))
+
+    @property
+    def content_hash(self) -> str:
+        """16 hex digits over the build recipe, the arch, the defines and the bytes of every input file."""
+        return _content_hash(self.kind, self.arch, self.defines, self.inputs)
+
+    @property
     def filename(self) -> str:
+        """``<name>.<arch>.<hash>.cubin`` / ``libwush_<name>.<arch>.<hash>.so``: a changed source never meets an
+        old artifact, and unchanged artifacts stay valid across edits of other kernels."""
         if self.kind == "host":
-            return f"libwush_{self.name}.so"
-        return f"{self.name}.{self.arch}.cubin"
+            return f"libwush_{self.name}.{self.arch}.{self.content_hash}.so"
+        return f"{self.name}.{self.arch}.{self.content_hash}.cubin"
+
+    @property
+    def ptx_filename(self) -> Optional[str]:
+        return None if self.kind == "host" else self.filename[: -len(".cubin")] + ".ptx"
+
+
+def _content_hash(kind: str, arch: str, defines: tuple[str, ...], inputs: tuple[str, ...]) -> str:
+    stamp = tuple((n, (KERNEL_DIR / n).stat().st_mtime_ns, (KERNEL_DIR / n).stat().st_size) for n in inputs)
+    return _content_hash_cached(kind, arch, defines, stamp)
+
+
+@functools.lru_cache(maxsize=256)
+def _content_hash_cached(kind: str, arch: str, defines: tuple[str, ...], stamp: tuple) -> str:
+    flags = _HOST_FLAGS if kind == "host" else ()
+    h = hashlib.sha256(f"recipe={BUILD_RECIPE_VERSION};{_COMMON_FLAGS};{flags};{kind};{arch};{defines}".encode())
+    for name, _, _ in stamp:
+        h.update(name.encode() + b"\0" + (KERNEL_DIR / name).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def gemm_variant_name(arch: str, fmt: Optional[str], out: str) -> str:
@@ -257,11 +290,12 @@ def cache_root() -> Path:
 
 
 def cache_key(arch: str, toolchain: Toolchain) -> str:
-    h = hashlib.sha256(f"{source_hash()};cutlass={toolchain.cutlass_version}".encode()).hexdigest()
-    return f"{arch}-cuda{toolchain.version_text}-cutlass{toolchain.cutlass_version}-{h[:16]}"
+    return f"{arch}-cuda{toolchain.version_text}-cutlass{toolchain.cutlass_version}"
 
 
 def cache_dir(arch: str, toolchain: Toolchain, root: Optional[Path] = None) -> Path:
+    """Where the user cache keeps ``arch``'s artifacts built by this toolchain (file names carry the sources'
+    hash, so one directory serves every version of the kernels)."""
     return (root or cache_root()) / cache_key(arch, toolchain)
 
 
@@ -295,7 +329,7 @@ def _compile(target: Target, toolchain: Toolchain, out_dir: Path) -> Path:
             _run(cmd, f"host library {target.filename}")
         else:
             # PTX first (kept beside the cubin for inspection), then ptxas through nvcc.
-            ptx = Path(tmp) / (target.filename[: -len(".cubin")] + ".ptx")
+            ptx = Path(tmp) / target.ptx_filename
             _run([nvcc, *_COMMON_FLAGS, *_gencode(target.arch, "compute"), *includes, *target.defines, "-ptx",
                   "-o", str(ptx), str(src)], f"{target.name} for {target.arch} (ptx)")
             _run([nvcc, *_gencode(target.arch, "sm"), "-cubin", "-o", str(tmp_dest), str(ptx)],
@@ -305,28 +339,14 @@ def _compile(target: Target, toolchain: Toolchain, out_dir: Path) -> Path:
     return dest
 
 
-def _stale(d: Path, arch: str) -> bool:
-    """True when ``d`` holds artifacts of other sources or another architecture (an explicit --out directory
-    reused across source changes); the keyed cache directories never are."""
-    try:
-        m = json.loads((d / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return any(d.glob("*.cubin")) or any(d.glob("libwush_*.so"))
-    if m.get("source_hash") != source_hash() or m.get("arch") != arch:
-        logger.info("%s holds artifacts of other kernel sources or another architecture: rebuilding", d)
-        return True
-    return False
-
-
 def _write_manifest(out_dir: Path, arch: str, toolchain: Toolchain) -> None:
+    """An informational manifest.json: who built what (the loader trusts only the hashed file names)."""
     manifest = {
         "arch": arch,
-        "source_hash": source_hash(),
-        "nvcc": str(toolchain.nvcc),
         "cuda_version": toolchain.version_text,
         "cutlass_version": toolchain.cutlass_version,
         "recipe": BUILD_RECIPE_VERSION,
-        "files": sorted(t.filename for t in targets(arch) if (out_dir / t.filename).is_file()),
+        "files": sorted(p.name for p in out_dir.iterdir() if p.suffix in (".cubin", ".so")),
     }
     tmp = out_dir / f".manifest.{os.getpid()}.json"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -366,13 +386,6 @@ def build(
         d = Path(out) / arch if out is not None else cache_dir(arch, toolchain)
         d.mkdir(parents=True, exist_ok=True)
         dirs[arch] = d
-        stale = force or _stale(d, arch)
-        if stale and not force:  # drop every old artifact, so a partial (--only) rebuild cannot mix sources
-            for t in targets(arch):
-                for f in (d / t.filename, d / (t.filename[: -len(".cubin")] + ".ptx")):
-                    if f.suffix in (".cubin", ".ptx", ".so") and f.is_file():
-                        f.unlink()
-            (d / "manifest.json").unlink(missing_ok=True)
         arch_targets = targets(arch)
         if wanted is not None:
             known = {t.name for t in arch_targets}
@@ -380,7 +393,7 @@ def build(
             if not arch_targets:
                 raise BuildError(f"--only {sorted(wanted)} matches nothing for {arch}; known: {sorted(known)}")
         for t in arch_targets:
-            if stale or not (d / t.filename).is_file():
+            if force or not (d / t.filename).is_file():
                 work.append((t, d))
     if work:
         n = jobs or max(1, os.cpu_count() or 1)

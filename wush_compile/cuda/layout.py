@@ -116,7 +116,8 @@ _MIN_QUANT_ROWS = 32  # one warp
 
 def quantize_launch(m: int, k: int, fmt: Format | str, x_dtype: torch.dtype, has_transform: bool) -> QuantizeLaunch:
     """One thread per (row, group): CTAs of 32..128 rows (the smallest power of two >= M, so decode rows do not
-    leave most of a CTA idle), one CTA column per group; the (G, G) fp32 block transform in shared memory."""
+    leave most of a CTA idle); grid x over the K/G groups (fastest, so resident CTAs read neighbouring bytes of
+    the same rows), grid y over the row tiles; the (G, G) fp32 block transform in shared memory."""
     f = Format.parse(fmt)
     g = f.group_size
     if m < 1 or k < 1 or k % g:
@@ -124,14 +125,16 @@ def quantize_launch(m: int, k: int, fmt: Format | str, x_dtype: torch.dtype, has
     rows = _MIN_QUANT_ROWS
     while rows < min(m, _MAX_QUANT_ROWS):
         rows *= 2
-    grid_x = (m + rows - 1) // rows
-    if grid_x > 2**31 - 1 or k // g > 65535:
-        raise ValueError(f"transform_quantize: M={m}, K={k} exceeds the launch grid (K/G must be <= 65535)")
+    row_tiles = (m + rows - 1) // rows
+    if row_tiles > 65535 or k // g > 2**31 - 1:
+        raise ValueError(
+            f"transform_quantize: M={m} exceeds the launch grid (at most {65535 * rows} rows per call); split the rows"
+        )
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     if x_dtype not in names:
         raise ValueError(f"transform_quantize: activations must be float32, bfloat16 or float16, got {x_dtype}")
     return QuantizeLaunch(
-        grid=(grid_x, k // g, 1),
+        grid=(k // g, row_tiles, 1),
         block=(rows, 1, 1),
         smem_bytes=g * g * 4 if has_transform else 0,
         kernel=f"wush_tq_{f.value}_{names[x_dtype]}",

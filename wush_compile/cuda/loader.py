@@ -10,9 +10,10 @@
   variant has a cluster) and never synchronize the host, so they can be captured in a CUDA graph. The first
   call of a kernel on a device loads it: do it once before capturing (the usual warm-up).
 
-Artifacts are found (:func:`artifact_dir`) in ``WUSH_CUDA_CUBIN_DIR`` (a build directory, or a directory of
-per-architecture build directories), then in the user cache (:mod:`.build`); if missing and the toolkit is
-present they are built there on first use, with a log line.
+Artifacts are found (:func:`find_artifacts`) in ``WUSH_CUDA_CUBIN_DIR`` (a build directory, or a directory of
+per-architecture build directories), else in the package's ``prebuilt/`` and the user cache (:mod:`.builder`);
+their file names carry the hash of the sources they were built from. If missing and the toolkit is present
+they are built into the cache on first use, with a log line.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import collections
 import ctypes
 import dataclasses
 import functools
-import json
 import logging
 import os
 import threading
@@ -41,8 +41,9 @@ __all__ = [
     "WushKernelInfo",
     "WushQuantArgs",
     "arch_for_capability",
-    "artifact_dir",
-    "find_artifact_dir",
+    "artifacts",
+    "find_artifacts",
+    "search_dirs",
     "driver",
     "gemm_kernel",
     "quantize_kernel",
@@ -162,70 +163,57 @@ def _check(drv: Any, result: Any, what: str) -> Any:
 # ---------------------------------------------------------------- artifacts
 
 
-def _manifest(d: Path) -> Optional[dict]:
-    try:
-        return json.loads((d / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def find_artifact_dir(arch: str) -> tuple[Optional[Path], str]:
-    """(directory, reason): a build directory for ``arch`` whose manifest matches the current kernel sources."""
-    want = _build.source_hash()
+def search_dirs(arch: str) -> list[Path]:
+    """Where artifacts for ``arch`` are looked for, in order: ``WUSH_CUDA_CUBIN_DIR`` (itself or its ``<arch>/``)
+    when set, else the package's ``prebuilt/<arch>/`` and the user cache's ``<arch>-*`` directories."""
     env = os.environ.get("WUSH_CUDA_CUBIN_DIR")
     if env:
-        root = Path(env)
-        for d in (root, root / arch):
-            m = _manifest(d)
-            if m is None or m.get("arch") != arch:
-                continue
-            if m.get("source_hash") != want:
-                return None, (
-                    f"WUSH_CUDA_CUBIN_DIR={env} holds {arch} artifacts built from other kernel sources "
-                    f"(hash {str(m.get('source_hash'))[:12]}, these sources {want[:12]}); rebuild them with "
-                    f"python -m wush_compile.cuda.build --arch {arch} --out {d}"
-                )
-            return d, f"{arch} artifacts in {d} (WUSH_CUDA_CUBIN_DIR)"
-        return None, f"WUSH_CUDA_CUBIN_DIR={env} has no manifest.json for {arch} (in it or in {arch}/)"
-    roots = [Path(__file__).resolve().parent / "prebuilt", _build.cache_root()]
-    found = []
-    for root in roots:
-        if not root.is_dir():
-            continue
-        for d in root.iterdir():
-            if d.is_dir() and (d.name == arch or d.name.startswith(f"{arch}-")):
-                m = _manifest(d)
-                if m is not None and m.get("arch") == arch and m.get("source_hash") == want:
-                    found.append(d)
-    if found:
-        best = max(found, key=lambda d: len(_manifest(d).get("files", [])))
-        return best, f"{arch} artifacts in {best}"
-    return None, f"no {arch} artifacts built from these kernel sources in {' or '.join(map(str, roots))}"
+        cands = [Path(env), Path(env) / arch]
+    else:
+        root = _build.cache_root()
+        cached = sorted(root.glob(f"{arch}-*"), key=lambda p: p.stat().st_mtime, reverse=True) if root.is_dir() else []
+        cands = [Path(__file__).resolve().parent / "prebuilt" / arch, *cached]
+    return [d for d in cands if d.is_dir()]
+
+
+def find_artifacts(arch: str, targets: Sequence["_build.Target"]) -> tuple[Optional[Path], str]:
+    """(directory, reason): the first search directory holding every one of ``targets`` (a host library and its
+    cubins must come from one build). File names carry the sources' hash, so a hit is always current."""
+    names = [t.filename for t in targets]
+    dirs = search_dirs(arch)
+    for d in dirs:
+        if all((d / n).is_file() for n in names):
+            return d, f"{arch} artifacts in {d}"
+    where = ", ".join(map(str, dirs)) or "no directory"
+    env = " (WUSH_CUDA_CUBIN_DIR)" if os.environ.get("WUSH_CUDA_CUBIN_DIR") else ""
+    return None, f"no {arch} build of these kernel sources ({', '.join(names)}) in {where}{env}"
 
 
 _BUILD_LOCK = threading.Lock()
 
 
-def artifact_dir(arch: str, needed: Sequence[str]) -> Path:
-    """A directory holding the files ``needed`` for ``arch``, building them on first use if the toolkit is here."""
+def artifacts(arch: str, targets: Sequence["_build.Target"]) -> Path:
+    """The directory holding ``targets``, building them into the user cache on first use when the toolkit is
+    here (with a warning: CUTLASS kernels take minutes); CudaUnavailable says why when neither works."""
     with _BUILD_LOCK:
-        d, reason = find_artifact_dir(arch)
-        if d is not None and all((d / f).is_file() for f in needed):
+        d, reason = find_artifacts(arch, targets)
+        if d is not None:
             return d
         if os.environ.get("WUSH_CUDA_CUBIN_DIR"):
-            missing = [f for f in needed if d is None or not (d / f).is_file()]
-            raise CudaUnavailable(f"{reason}; missing {missing}")
+            raise CudaUnavailable(
+                f"{reason}; rebuild with python -m wush_compile.cuda.build --arch {arch} --out "
+                f"{os.environ['WUSH_CUDA_CUBIN_DIR']}"
+            )
         try:
             toolchain = _build.find_toolchain()
         except _build.BuildError as exc:
             raise CudaUnavailable(f"{reason}, and they cannot be built here: {exc}") from exc
-        by_file = {t.filename: t.name for t in _build.targets(arch)}
-        only = sorted({by_file[f] for f in needed})
+        names = sorted({t.name for t in targets})
         logger.warning(
             "building the %s CUDA kernels %s on first use with nvcc %s (CUTLASS kernels take minutes; prebuild with "
-            "`python -m wush_compile.cuda.build --arch %s`)", arch, only, toolchain.version_text, arch,
+            "`python -m wush_compile.cuda.build --arch %s`)", arch, names, toolchain.version_text, arch,
         )
-        return _build.build([arch], only=only, toolchain=toolchain)[arch]
+        return _build.build([arch], only=names, toolchain=toolchain)[arch]
 
 
 # ---------------------------------------------------------------- cubins
@@ -297,18 +285,16 @@ def _cubin(path: Path) -> _Cubin:
         return c
 
 
-def launch(
-    fn: Any,
-    grid: Sequence[int],
-    block: Sequence[int],
-    smem_bytes: int,
-    stream: int,
-    params: "ctypes.Array | ctypes.Structure",
-    cluster: Sequence[int] = (1, 1, 1),
-) -> None:
-    """Launch ``fn`` with one by-value parameter whose bytes are ``params``, on the raw stream handle ``stream``."""
+_CONFIGS: dict[tuple, Any] = {}
+
+
+def _launch_config(grid, block, smem_bytes: int, stream: int, cluster) -> Any:
+    """A CUlaunchConfig per (grid, block, shared memory, stream, cluster), built once (building one costs ~10 us)."""
+    key = (tuple(grid), tuple(block), smem_bytes, stream, tuple(cluster))
+    config = _CONFIGS.get(key)
+    if config is not None:
+        return config
     drv = driver()
-    arg_ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(params))
     config = drv.CUlaunchConfig()
     config.gridDimX, config.gridDimY, config.gridDimZ = (int(v) for v in grid)
     config.blockDimX, config.blockDimY, config.blockDimZ = (int(v) for v in block)
@@ -322,6 +308,25 @@ def launch(
         config.numAttrs = 1
     else:
         config.numAttrs = 0
+    if len(_CONFIGS) >= 1024:
+        _CONFIGS.clear()
+    _CONFIGS[key] = config
+    return config
+
+
+def launch(
+    fn: Any,
+    grid: Sequence[int],
+    block: Sequence[int],
+    smem_bytes: int,
+    stream: int,
+    params: "ctypes.Array | ctypes.Structure",
+    cluster: Sequence[int] = (1, 1, 1),
+) -> None:
+    """Launch ``fn`` with one by-value parameter whose bytes are ``params``, on the raw stream handle ``stream``."""
+    drv = driver()
+    arg_ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+    config = _launch_config(grid, block, smem_bytes, stream, cluster)
     _check(drv, drv.cuLaunchKernelEx(config, fn, ctypes.addressof(arg_ptrs), 0), "cuLaunchKernelEx")
 
 
@@ -416,11 +421,11 @@ def gemm_kernel(arch: str, variant: str) -> GemmKernel:
         if k is not None:
             return k
         by_name = {t.name: t for t in _build.targets(arch)}
-        if variant not in by_name:
+        if variant not in by_name or by_name[variant].kind != "gemm":
             raise CudaUnavailable(f"no GEMM variant {variant!r} for {arch}; known: {sorted(by_name)}")
         target = by_name[variant]
         host_target = next(t for t in _build.targets(arch) if t.kind == "host")
-        d = artifact_dir(arch, [target.filename, host_target.filename])
+        d = artifacts(arch, [target, host_target])
         host = _host_library(d / host_target.filename)
         info = host.info(variant)
         k = _GEMMS[key] = GemmKernel(variant, arch, host, _cubin(d / target.filename), info)
@@ -431,8 +436,16 @@ def gemm_kernel(arch: str, variant: str) -> GemmKernel:
         return k
 
 
+_QUANT_FUNCS: dict[tuple[str, str, int], Any] = {}
+
+
 def quantize_kernel(arch: str, name: str, device_index: int, smem_bytes: int) -> Any:
-    """The transform+quantize kernel ``name`` (e.g. ``wush_tq_mxfp4_bf16``) on a device."""
-    target = next(t for t in _build.targets(arch) if t.kind == "quantize")
-    d = artifact_dir(arch, [target.filename])
-    return _cubin(d / target.filename).function(name, device_index, smem_bytes, ctypes.sizeof(WushQuantArgs))
+    """The transform+quantize kernel ``name`` (e.g. ``wush_tq_mxfp4_bf16``) on a device (cached)."""
+    key = (arch, name, device_index)
+    fn = _QUANT_FUNCS.get(key)
+    if fn is None:
+        target = next(t for t in _build.targets(arch) if t.kind == "quantize")
+        d = artifacts(arch, [target])
+        fn = _cubin(d / target.filename).function(name, device_index, smem_bytes, ctypes.sizeof(WushQuantArgs))
+        _QUANT_FUNCS[key] = fn
+    return fn

@@ -54,12 +54,16 @@ def _sm_count(index: int) -> int:
 
 
 def _device_arch(device: torch.device) -> str:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _arch_of_index(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_of_index(index: int) -> str:
     cap = tuple(torch.cuda.get_device_capability(index))
     arch = loader.arch_for_capability(cap)
     if arch is None:
         raise loader.CudaUnavailable(
-            f"{device} has compute capability {cap[0]}.{cap[1]}; the cubins are built for "
+            f"cuda:{index} has compute capability {cap[0]}.{cap[1]}; the cubins are built for "
             + ", ".join(f"{a} ({c[0]}.{c[1]})" for a, (c, _) in builder.ARCHS.items())
         )
     return arch
@@ -83,28 +87,30 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-def _require(cond: bool, exc: type, msg: str) -> None:
+def _require(cond: bool, exc: type, msg: Callable[[], str]) -> None:
+    """Raise ``exc(msg())`` unless ``cond``; the message is only formatted on failure (these checks run on every
+    eager call, where formatting shapes and devices would cost more than the launch)."""
     if not cond:
-        raise exc(msg)
+        raise exc(msg())
 
 
 def _check_aligned(name: str, t: torch.Tensor) -> None:
     _require(t.data_ptr() % 16 == 0, ValueError,
-             f"{name} starts at an address that is not 16-byte aligned (a view with an offset?); pass a fresh "
+             lambda: f"{name} starts at an address that is not 16-byte aligned (a view with an offset?); pass a fresh "
              "contiguous tensor (.clone())")
 
 
 def _check_scalar(name: str, t: torch.Tensor, device: torch.device) -> None:
     _require(t.dtype == torch.float32 and t.numel() == 1, TypeError,
-             f"{name} must be an fp32 scalar tensor, got {t.dtype} of shape {tuple(t.shape)}")
-    _require(t.device == device, ValueError, f"{name} is on {t.device} but the operands are on {device}; move it")
+             lambda: f"{name} must be an fp32 scalar tensor, got {t.dtype} of shape {tuple(t.shape)}")
+    _require(t.device == device, ValueError, lambda: f"{name} is on {t.device} but the operands are on {device}; move it")
 
 
 def _check_bias(bias: Optional[torch.Tensor], n: int, device: torch.device) -> Optional[torch.Tensor]:
     if bias is None:
         return None
-    _require(tuple(bias.shape) == (n,), ValueError, f"bias must be ({n},), got {tuple(bias.shape)}")
-    _require(bias.device == device, ValueError, f"bias is on {bias.device} but the operands are on {device}")
+    _require(tuple(bias.shape) == (n,), ValueError, lambda: f"bias must be ({n},), got {tuple(bias.shape)}")
+    _require(bias.device == device, ValueError, lambda: f"bias is on {bias.device} but the operands are on {device}")
     return bias.to(torch.float32).contiguous()  # the epilogue adds it in fp32, like the reference
 
 
@@ -145,25 +151,25 @@ _fp32_transform = _DerivedCache(lambda t: t.to(torch.float32).contiguous())
 
 def _require_cuda(t: torch.Tensor, op: str) -> None:
     _require(t.device.type == "cuda", ValueError,
-             f"{op} runs CUDA tensors only, got a tensor on {t.device}; use the reference ops "
+             lambda: f"{op} runs CUDA tensors only, got a tensor on {t.device}; use the reference ops "
              "(wush_compile.ops.reference) on the CPU")
 
 
 def _check_quantize_args(x, transform, act_global_scale, fmt) -> Format:
     f = Format.parse(fmt)
     g = f.group_size
-    _require(x.dim() == 2, ValueError, f"transform_quantize expects 2-D activations (M, K), got {tuple(x.shape)}")
+    _require(x.dim() == 2, ValueError, lambda: f"transform_quantize expects 2-D activations (M, K), got {tuple(x.shape)}")
     _require(x.dtype in _OUT_NAMES, TypeError,
-             f"activations must be float32, bfloat16 or float16, got {x.dtype}; cast the input")
+             lambda: f"activations must be float32, bfloat16 or float16, got {x.dtype}; cast the input")
     m, k = x.shape
     _require(k % g == 0 and k % layout.GEMM_ALIGN_K == 0, ValueError,
-             f"K={k} must be a multiple of {layout.GEMM_ALIGN_K} for the CUDA kernels ({f.value} groups are {g}); "
+             lambda: f"K={k} must be a multiple of {layout.GEMM_ALIGN_K} for the CUDA kernels ({f.value} groups are {g}); "
              "pad K or use the Triton / reference kernels")
     if transform is not None:
         _require(tuple(transform.shape) == (k // g, g, g), ValueError,
-                 f"transform must be {(k // g, g, g)}, got {tuple(transform.shape)}")
-        _require(transform.is_floating_point(), TypeError, f"transform must be floating point, got {transform.dtype}")
-        _require(transform.device == x.device, ValueError, f"transform is on {transform.device}, x on {x.device}")
+                 lambda: f"transform must be {(k // g, g, g)}, got {tuple(transform.shape)}")
+        _require(transform.is_floating_point(), TypeError, lambda: f"transform must be floating point, got {transform.dtype}")
+        _require(transform.device == x.device, ValueError, lambda: f"transform is on {transform.device}, x on {x.device}")
     _check_scalar("act_global_scale", act_global_scale, x.device)
     return f
 
@@ -222,23 +228,23 @@ def _check_fp4_gemm_args(a_codes, a_scales, a_gs, w_codes, w_scales, w_gs, bias,
     g = f.group_size
     for name, t in (("a_codes", a_codes), ("w_codes", w_codes)):
         _require(t.dtype == torch.uint8 and t.dim() == 2, TypeError,
-                 f"{name} must be 2-D uint8 packed e2m1, got {t.dtype} {tuple(t.shape)}")
+                 lambda: f"{name} must be 2-D uint8 packed e2m1, got {t.dtype} {tuple(t.shape)}")
     m, k2 = a_codes.shape
     n, wk2 = w_codes.shape
-    _require(k2 == wk2, ValueError, f"a_codes hold K={2 * k2} but w_codes K={2 * wk2}")
+    _require(k2 == wk2, ValueError, lambda: f"a_codes hold K={2 * k2} but w_codes K={2 * wk2}")
     k = 2 * k2
     layout.check_gemm_shape(m, n, k, out_dtype)
     for name, t, rows in (("a_scales", a_scales, m), ("w_scales", w_scales, n)):
         need = layout.swizzled_scale_numel(rows, k // g)
         _require(t.dtype == torch.uint8 and t.numel() == need, ValueError,
-                 f"{name} must be a swizzled uint8 buffer of {need} bytes for ({rows}, {k // g}) {f.value} scales "
+                 lambda: f"{name} must be a swizzled uint8 buffer of {need} bytes for ({rows}, {k // g}) {f.value} scales "
                  f"(wush_compile.cuda.layout.to_swizzled), got {t.dtype} with {t.numel()} elements")
     for name, t in (("a_codes", a_codes), ("a_scales", a_scales), ("w_codes", w_codes), ("w_scales", w_scales)):
-        _require(t.device == a_codes.device, ValueError, f"{name} is on {t.device}, a_codes on {a_codes.device}")
+        _require(t.device == a_codes.device, ValueError, lambda: f"{name} is on {t.device}, a_codes on {a_codes.device}")
     _check_scalar("a_global_scale", a_gs, a_codes.device)
     _check_scalar("w_global_scale", w_gs, a_codes.device)
     if bias is not None:
-        _require(tuple(bias.shape) == (n,), ValueError, f"bias must be ({n},), got {tuple(bias.shape)}")
+        _require(tuple(bias.shape) == (n,), ValueError, lambda: f"bias must be ({n},), got {tuple(bias.shape)}")
     return f, m, n, k
 
 
@@ -324,21 +330,21 @@ def _(x, weight_codes, weight_scales, transform, weight_global_scale, act_global
 def _check_fp8_args(a, a_scale, b, b_scale, alpha_a, alpha_b, bias, out_dtype):
     for name, t in (("a", a), ("b", b)):
         _require(t.dtype == torch.float8_e4m3fn and t.dim() == 2, TypeError,
-                 f"{name} must be a 2-D float8_e4m3fn tensor, got {t.dtype} {tuple(t.shape)}")
+                 lambda: f"{name} must be a 2-D float8_e4m3fn tensor, got {t.dtype} {tuple(t.shape)}")
     m, k = a.shape
     n, kb = b.shape
-    _require(k == kb, ValueError, f"a has K={k} but b has K={kb}")
+    _require(k == kb, ValueError, lambda: f"a has K={k} but b has K={kb}")
     layout.check_gemm_shape(m, n, k, out_dtype, align_k=layout.FP8_ALIGN_K)
     for name, t, rows in (("a_scale", a_scale, m), ("b_scale", b_scale, n)):
         if t is not None:
             _require(t.dtype == torch.float32 and t.numel() == rows, ValueError,
-                     f"{name} must hold {rows} fp32 row scales, got {t.dtype} with {t.numel()} elements")
-            _require(t.device == a.device, ValueError, f"{name} is on {t.device}, a on {a.device}")
+                     lambda: f"{name} must hold {rows} fp32 row scales, got {t.dtype} with {t.numel()} elements")
+            _require(t.device == a.device, ValueError, lambda: f"{name} is on {t.device}, a on {a.device}")
     _check_scalar("alpha_a", alpha_a, a.device)
     _check_scalar("alpha_b", alpha_b, a.device)
-    _require(b.device == a.device, ValueError, f"b is on {b.device}, a on {a.device}")
+    _require(b.device == a.device, ValueError, lambda: f"b is on {b.device}, a on {a.device}")
     if bias is not None:
-        _require(tuple(bias.shape) == (n,), ValueError, f"bias must be ({n},), got {tuple(bias.shape)}")
+        _require(tuple(bias.shape) == (n,), ValueError, lambda: f"bias must be ({n},), got {tuple(bias.shape)}")
     return m, n, k
 
 
@@ -358,7 +364,7 @@ def cutlass_fp8_gemm(
     m, n, k = _check_fp8_args(a, a_scale, b, b_scale, alpha_a, alpha_b, bias, out_dtype)
     arch = _device_arch(a.device)
     _require(arch == "sm_90a", loader.CudaUnavailable,
-             f"the fp8 cubin is built for sm_90a only; {a.device} is {arch}")
+             lambda: f"the fp8 cubin is built for sm_90a only; {a.device} is {arch}")
     a, b = a.contiguous(), b.contiguous()
     sa = a_scale.reshape(-1).contiguous() if a_scale is not None else None
     sb = b_scale.reshape(-1).contiguous() if b_scale is not None else None

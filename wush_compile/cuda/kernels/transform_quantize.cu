@@ -12,8 +12,9 @@
 // Every step is the fp32 operation wush_compile/formats.py performs, so codes and scales match the torch
 // reference bit for bit wherever the fp32 transform itself is exact (the sum order of y may differ).
 //
-// Launch (wush_compile.cuda.layout.quantize_launch): grid (ceil(M / rows_per_cta), K / G), block rows_per_cta
+// Launch (wush_compile.cuda.layout.quantize_launch): grid (K / G, ceil(M / rows_per_cta)), block rows_per_cta
 // threads; one thread per (row, group); T_b staged once per CTA in shared memory and read as broadcasts.
+// Groups vary fastest over the grid, so the CTAs resident together read neighbouring bytes of the same rows.
 // Plain CUDA (no architecture-specific instructions): built for every architecture the package ships.
 #include <cstdint>
 #include <cuda_bf16.h>
@@ -78,14 +79,14 @@ template <int G, bool kNv, class TX>
 __device__ __forceinline__ void transform_quantize(WushQuantArgs const& a) {
   extern __shared__ float smem_t[];  // (G, G) of this CTA's block
   const int64_t kgroups = a.k / G;
-  const int64_t b = blockIdx.y;
+  const int64_t b = blockIdx.x;
   const bool has_t = a.t != nullptr;
   if (has_t) {
     const float* tb = a.t + b * G * G;
     for (int i = threadIdx.x; i < G * G; i += blockDim.x) smem_t[i] = tb[i];
     __syncthreads();
   }
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t row = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (row >= a.m) return;
 
   float x[G];
