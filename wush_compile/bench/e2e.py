@@ -9,8 +9,9 @@ For each model: prefill tokens/s (one prompt of ``prompt_len``) and decode token
 in the same run, plus compile time, peak GPU memory, the model's bytes, and the dynamo counters after
 warm-up (no recompiles may happen while timing). Models:
 
-    smollm2   the real SmolLM2-135M-Instruct, calibrated with WUSH + GPTQ on installed text (also yields the
-              greedy text of fp / eager wush / compiled wush)
+    smollm2        the real SmolLM2-135M-Instruct, calibrated with WUSH + GPTQ on installed text: the greedy text
+                   of full precision, eager wush and compiled wush (and its speed on a GPU)
+    smollm2_shape  SmolLM2-135M's shapes with RANDOM weights (RTN, random Hessians): speed only, no weights needed
     llama8b   a Llama-3.1-8B-shaped model built from its config with RANDOM weights, calibrated with RTN and
               random Hessians: for speed only, its outputs mean nothing.
 """
@@ -39,12 +40,17 @@ LLAMA_8B = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
     vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
 )
+SMOLLM2_135M = dict(
+    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+    vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+)
+SHAPES = {"smollm2_shape": SMOLLM2_135M, "llama8b": LLAMA_8B}
 PROMPT = "The three most important ideas in computer science are"
 
 
 @dataclasses.dataclass(frozen=True)
 class E2ESettings:
-    models: tuple[str, ...] = ("smollm2", "llama8b")
+    models: tuple[str, ...] = ("smollm2_shape", "llama8b")
     fmt: Format = Format.MXFP4
     prompt_len: int = 2048
     new_tokens: int = 256
@@ -55,9 +61,9 @@ class E2ESettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", Format.parse(self.fmt))
-        unknown = [m for m in self.models if m not in ("smollm2", "llama8b", "tiny")]
+        unknown = [m for m in self.models if m not in (*SHAPES, "smollm2", "tiny")]
         if unknown:
-            raise ValueError(f"e2e: unknown model(s) {unknown}; choose from smollm2, llama8b")
+            raise ValueError(f"e2e: unknown model(s) {unknown}; choose from {sorted(SHAPES)}, smollm2, tiny")
         if self.prompt_len < 1 or self.new_tokens < 1 or not self.batches or min(self.batches) < 1:
             raise ValueError(f"e2e: prompt_len, new_tokens and batches must be positive, got {self}")
 
@@ -65,10 +71,11 @@ class E2ESettings:
 # ----------------------------------------------------------------------------------------------- models
 
 
-def _random_llama(device, dtype, layers: int | None, tiny: bool = False) -> nn.Module:
+def _random_llama(device, dtype, layers: int | None, shape: str) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = dict(LLAMA_8B)
+    tiny = shape == "tiny"
+    cfg = dict(SHAPES["smollm2_shape" if tiny else shape])
     if tiny:
         cfg.update(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
                    vocab_size=512, num_hidden_layers=2)
@@ -248,9 +255,11 @@ def _text_check(model, tok, runner_wush: Runner, fp_tokens: torch.Tensor, s: E2E
 
 
 def run_model(name: str, s: E2ESettings, device) -> dict:
-    dtype = torch.bfloat16
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
     out: dict = {"model": name}
     if name == "smollm2":
+        # The real model: greedy text of full precision, eager wush and compiled wush (speed too on a GPU).
         from calibrate import calibrate
         from calibrate.data import calibration_batches, default_texts, tokenize
         from calibrate.models import load_model
@@ -260,19 +269,21 @@ def run_model(name: str, s: E2ESettings, device) -> dict:
         vocab = model.config.vocab_size
         ids = tok(PROMPT, return_tensors="pt").input_ids.to(device)
         fp_tokens, _, _ = Runner(model, "", None, device).generate(ids, s.text_tokens)
-        out["bf16"] = measure(model, "inductor", s, vocab, device, "bf16")
+        if on_gpu:
+            out["bf16"] = measure(model, "inductor", s, vocab, device, "bf16")
         cfg = WushConfig(format=s.fmt, method=Method.GPTQ, transform=TransformKind.WUSH, nsamples=32, seqlen=512)
         calib_text, _ = default_texts()
         t0 = time.perf_counter()
         calibrate(model, calibration_batches(tokenize(tok, calib_text), cfg.nsamples, cfg.seqlen, seed=0), cfg)
         out["calibration_s"] = time.perf_counter() - t0
         out["calibration"] = f"{cfg.format.value} {cfg.method.value} {cfg.transform.value}, pydoc_data text"
-        out["wush"] = measure(model, "wush", s, vocab, device, f"wush {s.fmt.value}")
-        runner = Runner(model, "wush", s.mode if torch.cuda.is_available() else None, device)
+        if on_gpu:
+            out["wush"] = measure(model, "wush", s, vocab, device, f"wush {s.fmt.value}")
+        torch._dynamo.reset()
+        runner = Runner(model, "wush", s.mode if on_gpu else None, device)
         out["text"] = _text_check(model, tok, runner, fp_tokens, s, device)
     else:
-        tiny = name == "tiny"
-        model = _random_llama(device, dtype, s.layers, tiny=tiny)
+        model = _random_llama(device, dtype, s.layers, name)
         vocab = model.config.vocab_size
         out["note"] = "random weights, RTN with random Hessians: speed only, outputs are meaningless"
         out["bf16"] = measure(model, "inductor", s, vocab, device, "bf16")
@@ -281,20 +292,23 @@ def run_model(name: str, s: E2ESettings, device) -> dict:
         out["quantized_layers"] = calibrate_random(model, cfg)
         out["calibration_s"] = time.perf_counter() - t0
         gc.collect()
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        torch.cuda.empty_cache() if on_gpu else None
         out["wush"] = measure(model, "wush", s, vocab, device, f"wush {s.fmt.value}")
-    b, w = out["bf16"], out["wush"]
-    out["ratios"] = {k: w[k] / b[k] for k in b if k.endswith("tok_s")}
-    out["ratios"]["model_bytes"] = w["model_bytes"] / b["model_bytes"]
-    n_wush = sum(isinstance(m, WushLinear) for m in model.modules())
-    out["wush_linears"] = n_wush
+    if "bf16" in out and "wush" in out:
+        b, w = out["bf16"], out["wush"]
+        out["ratios"] = {k: w[k] / b[k] for k in b if k.endswith("tok_s")}
+        out["ratios"]["model_bytes"] = w["model_bytes"] / b["model_bytes"]
+    out["wush_linears"] = sum(isinstance(m, WushLinear) for m in model.modules())
     del model
     gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    torch.cuda.empty_cache() if on_gpu else None
     return out
 
 
 def format_table(results: list[dict]) -> str:
+    results = [r for r in results if "ratios" in r]
+    if not results:
+        return "(no speed measurements)"
     cols = ["prefill_tok_s"] + [k for k in results[0]["bf16"] if k.startswith("decode_")] + [
         "compile_s", "peak_mem_gib", "model_bytes"]
     lines = ["| model | variant | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
@@ -317,6 +331,9 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = [r for r in results if "ratios" in r]
+    if not results:
+        return
     keys = [k for k in results[0]["ratios"] if k.endswith("tok_s")]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(1, len(results))
