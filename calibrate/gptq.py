@@ -22,29 +22,39 @@ import torch
 from wush_compile import formats, transforms
 from wush_compile.config import Format, TransformKind, WushConfig
 
+from ._threads import single_thread
 from .rtn import DATA_AWARE_KINDS, QuantizedWeight, layer_transforms, weight_global_scale
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["gptq_quantize", "inverse_hessian_cholesky", "FrozenScaleQuantizer"]
+__all__ = ["gptq_quantize", "gptq_quantize_group", "inverse_hessian_cholesky", "FrozenScaleQuantizer", "round_e2m1_magnitude"]
 
 _MAX_DAMP_RETRIES = 6
+#: GPTQ's lazy-batch width: updates inside a window of this many columns are applied at once per block;
+#: the rest of the weight gets one GEMM per window.
+_LAZY_COLUMNS = 128
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, rel_damp: float, what: str = "hessian") -> torch.Tensor:
-    """``L = cholesky_lower(inv(H + rel_damp * mean(diag(H)) * I))`` in float64, raising the damping (x10 per
-    try, logged) if a factorization fails: (K, K)."""
+    """``L = cholesky_lower(inv(H + rel_damp * mean(diag(H)) * I))`` in float64: (K, K).
+
+    Computed without forming the inverse: with J the exchange matrix and ``M = cholesky_lower(J Hd J)``,
+    ``Hd = R R^T`` for the upper-triangular ``R = J M J``, so ``inv(Hd) = R^-T R^-1`` and
+    ``L = R^-T = J inv(M)^T J`` (one Cholesky and one triangular solve). If the factorization fails the
+    damping is raised x10 per try (logged).
+    """
     h = hessian.to(torch.float64)
     h = (h + h.T) / 2
+    k = h.shape[0]
+    eye = torch.eye(k, dtype=torch.float64, device=h.device)
     cur = rel_damp
     for attempt in range(_MAX_DAMP_RETRIES):
-        hd = transforms.damp(h, cur)  # (K, K)
-        c, info = torch.linalg.cholesky_ex(hd)
+        hd = transforms.damp(h, cur).flip(0, 1)  # (K, K) J Hd J
+        m, info = torch.linalg.cholesky_ex(hd)
         if int(info) == 0:
-            h_inv = torch.cholesky_inverse(c)  # (K, K)
-            h_inv = (h_inv + h_inv.T) / 2
-            low, info = torch.linalg.cholesky_ex(h_inv)
-            if int(info) == 0 and bool(torch.isfinite(low).all()):
+            m_inv = torch.linalg.solve_triangular(m, eye, upper=False)  # (K, K) lower
+            low = m_inv.T.flip(0, 1)  # (K, K) lower: J inv(M)^T J
+            if bool(torch.isfinite(low).all()):
                 if attempt:
                     logger.warning("%s: GPTQ needed damping %.3g (raised from %.3g)", what, cur, rel_damp)
                 return low
@@ -67,62 +77,82 @@ def _cholesky_upper_spd(m: torch.Tensor, what: str) -> torch.Tensor:
     raise RuntimeError(f"{what}: in-block inverse Hessian is not positive definite")
 
 
+def round_e2m1_magnitude(a: torch.Tensor) -> torch.Tensor:
+    """Nearest e2m1 magnitude of ``a >= 0`` (fp32), ties to the even code index, saturating at 6.
+
+    The same rule as :func:`wush_compile.formats.round_to_e2m1`, as arithmetic: the grid has spacing 1/2 below
+    2, 1 in [2, 4) and 2 from 4 up, and ``torch.round`` ties to even, which is the even index in every range.
+    """
+    fine = torch.round(a * 2.0) * 0.5  # [0, 2): 0, 0.5, ..., 2
+    mid = torch.round(a)  # [2, 4): 2, 3, 4
+    coarse = torch.round(a * 0.5) * 2.0  # [4, inf): 4, 6, 8, ...
+    return torch.where(a < 2.0, fine, torch.where(a < 4.0, mid, coarse)).clamp_max(formats.E2M1_MAX)
+
+
 class FrozenScaleQuantizer:
-    """Quantize one column at a time with fixed per-row scale bytes, exactly as
-    :func:`wush_compile.formats.quantize_with_scales` does for the whole group.
+    """Quantize one column at a time with fixed per-row scale bytes, as
+    :func:`wush_compile.formats.quantize_with_scales` / :func:`~wush_compile.formats.dequantize` do.
 
     Args:
         scales: (N,) uint8 scale bytes of the block (one group per row).
-        global_scale: () fp32.
+        global_scale: () or (N,) fp32 (rows of several layers may have their own).
         fmt: the format.
     """
 
     def __init__(self, scales: torch.Tensor, global_scale: torch.Tensor, fmt: Format | str) -> None:
         fmt = Format.parse(fmt)
         self.fmt = fmt
-        g = global_scale.to(torch.float32).reshape(())
+        g = global_scale.to(torch.float32)
         if fmt is Format.MXFP4:
             e = scales.to(torch.int32) - formats.E8M0_BIAS  # (N,)
             self._mul = torch.ldexp(torch.ones(e.shape, dtype=torch.float32, device=e.device), -e)  # (N,) 2^-E
             self._denom = None
-            scale_val = formats.e8m0_to_float(scales)  # (N,)
+            self._step = formats.e8m0_to_float(scales)  # (N,) 2^E
         else:
-            scale_val = formats.e4m3_to_float(scales)  # (N,)
-            self._denom = scale_val * g  # (N,)
+            self._step = formats.e4m3_to_float(scales)  # (N,)
+            self._denom = self._step * g  # (N,)
+            self._zero = self._denom == 0  # (N,) underflowed scales decode to (signed) zero
             self._mul = None
-        self._step = scale_val  # decoded = (e2m1 * step) * g
         self._g = g
-        self._lut = torch.tensor(formats.E2M1_SIGNED_VALUES, dtype=torch.float32, device=scales.device)
+
+    def scaled(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,) fp32 -> the value the e2m1 rounding sees (``x * 3 / 2^E`` or ``x / (s * g)``)."""
+        if self._mul is not None:
+            return (x * self._mul) * 3.0  # == ldexp(x, -E) * 3, as formats does
+        v = x / self._denom
+        return torch.where(self._zero, torch.where(torch.signbit(x), -0.0, 0.0), v)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """(N,) fp32 -> (N,) uint8 unpacked codes."""
-        if self._mul is not None:
-            v = (x * self._mul) * 3.0  # == ldexp(x, -E) * 3, as formats does
-        else:
-            v = x / self._denom
-            v = torch.where(self._denom == 0, torch.where(torch.signbit(x), -0.0, 0.0), v)
-        return formats.round_to_e2m1(v)
+        return formats.round_to_e2m1(self.scaled(x))
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """(N,) codes -> (N,) fp32 values, as formats.dequantize computes them."""
-        return (self._lut[codes.long()] * self._step) * self._g
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,) fp32 -> the decoded quantized values, ``dequantize(codes(x))``."""
+        v = self.scaled(x)
+        return (torch.copysign(round_e2m1_magnitude(v.abs()), v) * self._step) * self._g
 
 
-def _block_quantize(
-    v: torch.Tensor, u: torch.Tensor, quantizer: FrozenScaleQuantizer
-) -> torch.Tensor:
-    """GPTQ inside one block: v (N, G) fp32 (modified in place), u (G, G) upper Cholesky factor of the
-    block's inverse Hessian in transformed space. Returns (N, G) uint8 codes."""
-    n, g = v.shape
-    codes = torch.empty(n, g, dtype=torch.uint8, device=v.device)  # (N, G)
+def _block_quantize(v: torch.Tensor, u_cols: torch.Tensor, quantizer: FrozenScaleQuantizer) -> torch.Tensor:
+    """GPTQ inside one block, in transformed space, for rows that may belong to several layers.
+
+    Args:
+        v: (G, N) fp32, the block's transformed weights TRANSPOSED (one contiguous row per column); updated
+            in place.
+        u_cols: (G, G, N) fp32: ``u_cols[j, l, r]`` is entry (j, l) of the upper Cholesky factor of the
+            in-block inverse Hessian (transformed space) of the layer that row r belongs to.
+    Returns:
+        (G, N) fp32: each column's value right before it was quantized (its codes are those of these values
+        under the frozen scales).
+    """
+    g = v.shape[0]
+    pre = torch.empty_like(v)  # (G, N)
     for j in range(g):
-        col = v[:, j]  # (N,)
-        c = quantizer.codes(col)
-        codes[:, j] = c
+        col = v[j]  # (N,)
+        pre[j] = col
         if j + 1 < g:
-            err = (col - quantizer.decode(c)) / u[j, j]  # (N,)
-            v[:, j + 1 :].sub_(err.unsqueeze(1) * u[j, j + 1 :].unsqueeze(0))  # (N, G-j-1)
-    return codes
+            err = (col - quantizer.values(col)) / u_cols[j, j]  # (N,)
+            v[j + 1 :].addcmul_(u_cols[j, j + 1 :], err, value=-1.0)  # (G-j-1, N)
+    return pre
 
 
 def gptq_quantize(
@@ -133,6 +163,7 @@ def gptq_quantize(
     dtype: torch.dtype,
     seed: int = 0,
     name: str | None = None,
+    inverse_cholesky: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """GPTQ with per-block transforms recomputed inside the loop (SPEC section 4).
 
@@ -143,60 +174,139 @@ def gptq_quantize(
         dtype: the model dtype the transforms are rounded to.
         seed: seeds the ``random`` transform.
         name: the layer's name, for messages.
+        inverse_cholesky: ``inverse_hessian_cholesky(hessian, config.damp)`` if already computed.
+    """
+    return gptq_quantize_group(
+        [weight], hessian, config, dtype=dtype, seeds=[seed], names=[name], inverse_cholesky=inverse_cholesky
+    )[0]
+
+
+def gptq_quantize_group(
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor | None,
+    config: WushConfig,
+    *,
+    dtype: torch.dtype,
+    seeds: list[int] | None = None,
+    names: list[str | None] | None = None,
+    inverse_cholesky: torch.Tensor | None = None,
+) -> list[QuantizedWeight]:
+    """GPTQ of several layers that read the same input (one Hessian), each with its own transforms and
+    scales, run as one set of rows: GPTQ treats rows independently, so this is the per-layer algorithm with
+    the Python loop shared.
+
+    Args:
+        weights: (N_i, K) weights of the layers.
+        hessian: (K, K) ``mean x x^T`` of their common input (None: identity).
+        config: format, transform kind and damping.
+        dtype: the model dtype the transforms are rounded to.
+        seeds: per layer, seeds the ``random`` transform.
+        names: per layer, for messages.
+        inverse_cholesky: ``inverse_hessian_cholesky(hessian, config.damp)`` if already computed.
     """
     fmt = config.format
     gsz = config.group_size
-    what = name or "layer"
-    w = weight.detach().to(torch.float32).clone()  # (N, K)
-    n, k = w.shape
+    m = len(weights)
+    seeds = [0] * m if seeds is None else list(seeds)
+    names = [None] * m if names is None else list(names)
+    what = "+".join(n or "layer" for n in names)
+    k = weights[0].shape[1]
+    for wt, nm in zip(weights, names):
+        if wt.dim() != 2 or wt.shape[1] != k:
+            raise ValueError(f"GPTQ group {what}: every weight must be (N, {k}), got {tuple(wt.shape)} for {nm}")
     formats.check_group_divisible(k, fmt, what=f"GPTQ weight of {what}")
     nb = k // gsz
-    dev = w.device
+    dev = weights[0].device
+    rows = [wt.shape[0] for wt in weights]
+    bounds = [0]
+    for r in rows:
+        bounds.append(bounds[-1] + r)
+    segs = [slice(bounds[i], bounds[i + 1]) for i in range(m)]
+    w = torch.cat([wt.detach().to(torch.float32) for wt in weights], 0)  # (sum N, K) rows of all layers
+    n = w.shape[0]
     h = torch.eye(k, dtype=torch.float64, device=dev) if hessian is None else hessian.to(torch.float64)  # (K, K)
     h = (h + h.T) / 2
-    low = inverse_hessian_cholesky(h, config.damp, what)  # (K, K) lower
+    if inverse_cholesky is None:
+        low = inverse_hessian_cholesky(h, config.damp, what)  # (K, K) lower
+    else:
+        if tuple(inverse_cholesky.shape) != (k, k):
+            raise ValueError(f"{what}: inverse_cholesky must be ({k}, {k}), got {tuple(inverse_cholesky.shape)}")
+        low = inverse_cholesky.to(torch.float64)
     h_blocks = h.reshape(nb, gsz, nb, gsz)[torch.arange(nb), :, torch.arange(nb), :]  # (K/G, G, G)
 
     data_aware = config.transform in DATA_AWARE_KINDS
-    fixed_t = None if data_aware else layer_transforms(w, None, config, dtype, seed)  # (K/G, G, G)
-    # Per-tensor weight scale (NVFP4) from the layer's RTN-style transforms of the initial weight.
-    t0 = fixed_t if fixed_t is not None else layer_transforms(w, h, config, dtype, seed)
-    g_w = weight_global_scale(transforms.transform_weight(w, t0), fmt)
-    if g_w is None:
-        g = torch.tensor(formats.MXFP4_GLOBAL_SCALE, dtype=torch.float32, device=dev)  # () the format constant
-    else:
-        g = g_w  # () fp32
+    fixed_t = [None if data_aware else layer_transforms(w[sg], None, config, dtype, sd) for sg, sd in zip(segs, seeds)]
+    g_layers = []  # per layer: () fp32 global scale
+    for i in range(m):
+        if fmt is Format.NVFP4:  # per-tensor weight scale from the RTN-style transforms of the initial W
+            t0 = fixed_t[i] if fixed_t[i] is not None else layer_transforms(w[segs[i]], h, config, dtype, seeds[i])
+            with single_thread():
+                g_layers.append(weight_global_scale(transforms.transform_weight(w[segs[i]], t0), fmt))
+        else:
+            g_layers.append(torch.tensor(formats.MXFP4_GLOBAL_SCALE, dtype=torch.float32, device=dev))
+    g_rows = torch.cat([g.reshape(1).expand(r) for g, r in zip(g_layers, rows)])  # (sum N,)
 
-    codes = torch.empty(n, k, dtype=torch.uint8, device=dev)  # (N, K)
-    scales = torch.empty(n, nb, dtype=torch.uint8, device=dev)  # (N, K/G)
-    t_out = torch.empty(nb, gsz, gsz, dtype=dtype, device=dev)  # (K/G, G, G)
+    codes = torch.empty(n, k, dtype=torch.uint8, device=dev)  # (sum N, K)
+    scales = torch.empty(n, nb, dtype=torch.uint8, device=dev)  # (sum N, K/G)
+    t_out = torch.empty(m, nb, gsz, gsz, dtype=dtype, device=dev)  # (layers, K/G, G, G)
+    low_t = low.T.contiguous().to(torch.float32)  # (K, K) upper: row b holds L[:, b]
+    eye = torch.eye(gsz, dtype=torch.float64, device=dev)
+    window = max(gsz, (_LAZY_COLUMNS // gsz) * gsz)  # columns whose updates are applied eagerly
+    pending: list[torch.Tensor] = []  # scaled block errors (sum N, G) not yet pushed past the window
     for b in range(nb):
         sl = slice(b * gsz, (b + 1) * gsz)
-        w_b = w[:, sl].to(torch.float64)  # (N, G)
-        if data_aware:
-            t64 = transforms.wush_block_transforms(
-                w_b.unsqueeze(0),
-                h_blocks[b : b + 1],
-                rel_damp=config.damp,
-                hadamard_rotation=config.transform is TransformKind.WUSH,
-            )  # (1, G, G)
-            t = transforms.round_transform(t64, dtype)[0]  # (G, G)
-        else:
-            t = fixed_t[b]  # (G, G)
-        t_out[b] = t
-        t64 = t.to(torch.float64)
-        t_inv = torch.linalg.inv(t64)  # (G, G)
-        v = (w_b @ t_inv).to(torch.float32)  # (N, G)
-        sc = formats.compute_scales(v, fmt, g_w)[0]  # (N, 1) frozen per-row scales
-        l_bb = low[sl, sl]  # (G, G)
-        hinv_t = t_inv.T @ (l_bb @ l_bb.T) @ t_inv  # (G, G) = inv(T Heff T^T)
-        u = _cholesky_upper_spd(hinv_t, f"{what} block {b}").to(torch.float32)  # (G, G)
-        c = _block_quantize(v, u, FrozenScaleQuantizer(sc[:, 0], g, fmt))  # (N, G)
-        codes[:, sl] = c
-        scales[:, sl.start // gsz] = sc[:, 0]
-        if b + 1 < nb:
-            vq = formats.dequantize(formats.pack_fp4(c), sc, g, fmt).to(torch.float64)  # (N, G)
-            delta = w_b - vq @ t64  # (N, G) original-space block error
-            err = torch.linalg.solve_triangular(l_bb.T, delta, upper=True, left=False)  # (N, G) delta @ inv(L_bb^T)
-            w[:, sl.stop :] -= err.to(torch.float32) @ low[sl.stop :, sl].T.to(torch.float32)  # (N, K_later)
-    return QuantizedWeight(codes=formats.pack_fp4(codes), scales=scales, transform=t_out, global_scale=g)
+        w_b = w[:, sl].to(torch.float64)  # (sum N, G): the error-updated block
+        with single_thread():
+            l_bb = low[sl, sl]  # (G, G)
+            hinv = l_bb @ l_bb.T  # (G, G) = inv(Heff)
+            t64s, vs, us = [], [], []
+            for i, sg in enumerate(segs):
+                if data_aware:
+                    t64 = transforms.wush_block_transforms(
+                        w_b[sg].unsqueeze(0),
+                        h_blocks[b : b + 1],
+                        rel_damp=config.damp,
+                        hadamard_rotation=config.transform is TransformKind.WUSH,
+                    )  # (1, G, G)
+                    t = transforms.round_transform(t64, dtype)[0]  # (G, G)
+                else:
+                    t = fixed_t[i][b]  # (G, G)
+                t_out[i, b] = t
+                t64 = t.to(torch.float64)
+                t_inv = torch.linalg.inv(t64)  # (G, G)
+                vs.append((w_b[sg] @ t_inv).to(torch.float32))  # (N_i, G)
+                u = _cholesky_upper_spd(t_inv.T @ hinv @ t_inv, f"{names[i] or 'layer'} block {b}")  # (G, G)
+                us.append(u.to(torch.float32))
+                t64s.append(t64)
+            v = torch.cat(vs, 0)  # (sum N, G)
+            sc = torch.cat(
+                [formats.compute_scales(vi, fmt, None if fmt is Format.MXFP4 else gi)[0] for vi, gi in zip(vs, g_layers)]
+            )  # (sum N, 1) frozen per-row scales
+            u_cols = torch.cat([u.unsqueeze(-1).expand(-1, -1, r) for u, r in zip(us, rows)], 2)  # (G, G, sum N)
+            pre = _block_quantize(v.T.contiguous(), u_cols, FrozenScaleQuantizer(sc[:, 0], g_rows, fmt)).T  # (sum N, G)
+            deltas = []
+            for i, sg in enumerate(segs):
+                c = formats.quantize_with_scales(pre[sg], sc[sg], g_layers[i], fmt)  # (N_i, G) codes
+                codes[sg, sl] = c
+                if b + 1 < nb:
+                    vq = formats.dequantize(formats.pack_fp4(c), sc[sg], g_layers[i], fmt).to(torch.float64)  # (N_i, G)
+                    deltas.append(w_b[sg] - vq @ t64s[i])  # (N_i, G) original-space block error
+            scales[:, b] = sc[:, 0]
+            if b + 1 == nb:
+                break
+            l_bb_t_inv = torch.linalg.solve_triangular(l_bb.T, eye, upper=True)  # (G, G) inv(L_bb^T)
+            err = (torch.cat(deltas, 0) @ l_bb_t_inv).to(torch.float32)  # (sum N, G)
+        # Eager updates inside the current window, one deferred GEMM for everything after it.
+        win_end = min(k, (sl.start // window + 1) * window)
+        if sl.stop < win_end:
+            w[:, sl.stop : win_end] -= err @ low_t[sl, sl.stop : win_end]  # (sum N, cols left in window)
+        pending.append(err)
+        if sl.stop == win_end and win_end < k:
+            first = win_end - len(pending) * gsz
+            w[:, win_end:] -= torch.cat(pending, 1) @ low_t[first:win_end, win_end:]  # (sum N, K - win_end)
+            pending.clear()
+    packed = formats.pack_fp4(codes)  # (sum N, K/2)
+    return [
+        QuantizedWeight(codes=packed[sg].clone(), scales=scales[sg].clone(), transform=t_out[i], global_scale=g_layers[i])
+        for i, sg in enumerate(segs)
+    ]

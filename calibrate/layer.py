@@ -16,7 +16,7 @@ from wush_compile import formats, transforms
 from wush_compile.config import NVFP4_FIXED_GLOBAL_SCALE, ActScale, Format, Method, WushConfig
 from wush_compile.modules import WushLinear
 
-from .gptq import gptq_quantize
+from .gptq import gptq_quantize, gptq_quantize_group
 from .rtn import QuantizedWeight, layer_seed, rtn_quantize
 
 logger = logging.getLogger(__name__)
@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "quantize_linear",
     "quantize_weight",
+    "quantize_weights",
     "build_wush_linear",
     "initial_act_global_scale",
     "static_act_global_scale",
@@ -67,10 +68,12 @@ def quantize_weight(
     *,
     dtype: torch.dtype | None = None,
     name: str | None = None,
+    inverse_cholesky: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """RTN or GPTQ (``config.method``) with per-block transforms of one (N, K) weight.
 
-    Layers that share a transform are quantized as one concatenated weight (rows stacked).
+    Layers that share a transform are quantized as one concatenated weight (rows stacked). GPTQ takes the
+    Hessian's ``inverse_hessian_cholesky`` when the caller already has it (layers sharing an input).
     """
     what = f"layer {name}" if name else "quantize_weight"
     _check_weight(weight, what)
@@ -81,7 +84,35 @@ def quantize_weight(
     seed = layer_seed(config, name)
     if config.method is Method.RTN:
         return rtn_quantize(weight, hessian, config, dtype=dtype, seed=seed)
-    return gptq_quantize(weight, hessian, config, dtype=dtype, seed=seed, name=name)
+    return gptq_quantize(
+        weight, hessian, config, dtype=dtype, seed=seed, name=name, inverse_cholesky=inverse_cholesky
+    )
+
+
+def quantize_weights(
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor | None,
+    config: WushConfig,
+    *,
+    dtype: torch.dtype | None = None,
+    names: list[str] | None = None,
+) -> list[QuantizedWeight]:
+    """:func:`quantize_weight` for several layers that read the same input (one Hessian), each with its own
+    transforms; GPTQ runs them as one set of rows (one Python loop, one factorization of the Hessian)."""
+    names = [None] * len(weights) if names is None else list(names)
+    if not weights:
+        return []
+    k = weights[0].shape[-1]
+    for wt, nm in zip(weights, names):
+        what = f"layer {nm}" if nm else "quantize_weights"
+        _check_weight(wt, what)
+        formats.check_group_divisible(wt.shape[1], config.format, what=f"{what} in_features")
+    _check_hessian(hessian, k, f"layers {', '.join(n or '?' for n in names)}")
+    dtype = weights[0].dtype if dtype is None else dtype
+    seeds = [layer_seed(config, nm) for nm in names]
+    if config.method is Method.RTN:
+        return [rtn_quantize(wt, hessian, config, dtype=dtype, seed=sd) for wt, sd in zip(weights, seeds)]
+    return gptq_quantize_group(weights, hessian, config, dtype=dtype, seeds=seeds, names=names)
 
 
 def initial_act_global_scale(config: WushConfig) -> float:

@@ -33,7 +33,14 @@ from wush_compile.modules import WushLinear
 from . import capture
 from .architectures import decoder_layers, get_architecture
 from .hessian import HessianAccumulator
-from .layer import MODEL_DTYPES, build_wush_linear, quantize_weight, static_act_global_scale, transformed_amax
+from .layer import (
+    MODEL_DTYPES,
+    build_wush_linear,
+    quantize_weight,
+    quantize_weights,
+    static_act_global_scale,
+    transformed_amax,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -182,12 +189,11 @@ def _quantize_group(
             modules.append(build_wush_linear(part, config, bias=lin.bias, dtype=dtype, device=device, share_group=group_name))
             row += n
     else:
+        qs = quantize_weights(
+            [lin.weight.detach() for _, _, lin in members], hessian, config, dtype=dtype, names=[f for f, _, _ in members]
+        )
         modules = [
-            build_wush_linear(
-                quantize_weight(lin.weight.detach(), hessian, config, dtype=dtype, name=full),
-                config, bias=lin.bias, dtype=dtype, device=device,
-            )
-            for full, _, lin in members
+            build_wush_linear(q, config, bias=lin.bias, dtype=dtype, device=device) for q, (_, _, lin) in zip(qs, members)
         ]
     if chunks is not None:  # NVFP4 static activation scale
         for wl in modules:
@@ -224,6 +230,17 @@ def _block_groups(block: nn.Module, prefix: str, groups, config: WushConfig, rep
             report.skipped.append((f"{prefix}.{name}", "not in the architecture table's Linear groups"))
             logger.info("%s.%s stays in high precision: not in the architecture table", prefix, name)
     return out
+
+
+def _record_config(model: nn.Module, config: WushConfig) -> None:
+    """Record the calibration settings in the model's quantization config (what ``save_pretrained`` writes)."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel) or not any(isinstance(m, WushLinear) for m in model.modules()):
+        return
+    from wush_compile import hf
+
+    hf.attach(model, config)
 
 
 @torch.no_grad()
@@ -309,6 +326,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushCon
             report.layers.append(LayerRecord(full, wl.in_features, wl.out_features, meter.rel_err, wl.share_group))
     report.seconds = time.perf_counter() - start
     setattr(model, REPORT_ATTR, report)
+    _record_config(model, config)
     model.train(was_training)
     logger.info("%s", report.summary())
     return model

@@ -14,6 +14,8 @@ import torch
 from wush_compile import formats, transforms
 from wush_compile.config import Format, TransformKind, WushConfig
 
+from ._threads import single_thread
+
 __all__ = ["QuantizedWeight", "layer_seed", "layer_transforms", "weight_global_scale", "rtn_quantize"]
 
 #: Transform kinds that look at the data (the others are fixed per block size and seed).
@@ -50,10 +52,11 @@ def layer_transforms(
     seed: int = 0,
 ) -> torch.Tensor:
     """The layer's per-block transforms, float64 algebra, rounded to ``dtype``: (K/G, G, G)."""
-    t64 = transforms.block_transforms(
-        config.transform, weight, hessian, config.group_size, seed=seed, rel_damp=config.damp
-    )  # (K/G, G, G) float64
-    return transforms.round_transform(t64, dtype)
+    with single_thread():
+        t64 = transforms.block_transforms(
+            config.transform, weight, hessian, config.group_size, seed=seed, rel_damp=config.damp
+        )  # (K/G, G, G) float64
+        return transforms.round_transform(t64, dtype)
 
 
 def weight_global_scale(w_transformed: torch.Tensor, fmt: Format) -> torch.Tensor | None:
@@ -79,6 +82,7 @@ def rtn_quantize(
         seed: seeds the ``random`` transform.
     """
     t = layer_transforms(weight, hessian, config, dtype, seed)  # (K/G, G, G) model dtype
-    w_t = transforms.transform_weight(weight, t)  # (N, K) float64, from the ROUNDED T
+    with single_thread():
+        w_t = transforms.transform_weight(weight, t)  # (N, K) float64, from the ROUNDED T
     codes, scales, g = formats.quantize(w_t, config.format, weight_global_scale(w_t, config.format))
     return QuantizedWeight(codes=codes, scales=scales, transform=t, global_scale=g)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from calibrate import quantize_linear
-from calibrate.gptq import FrozenScaleQuantizer
+from calibrate.gptq import FrozenScaleQuantizer, round_e2m1_magnitude
 from calibrate.layer import static_act_global_scale
 from wush_compile import WushConfig, WushLinear, formats, transforms
 from wush_compile.config import NVFP4_FIXED_GLOBAL_SCALE
@@ -125,7 +125,16 @@ def test_frozen_scale_quantizer_matches_formats(fmt):
     got = torch.stack([q.codes(v2[:, j]) for j in range(gsz)], 1)
     assert torch.equal(got, expected)
     deq = formats.dequantize(formats.pack_fp4(expected), scales, gt, fmt)
-    assert torch.equal(torch.stack([q.decode(got[:, j]) for j in range(gsz)], 1), deq)
+    assert torch.equal(torch.stack([q.values(v2[:, j]) for j in range(gsz)], 1), deq)
+
+
+def test_round_e2m1_magnitude_matches_formats_on_ties_and_grid():
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    grid = torch.linspace(0, 8, 100_001)
+    near = torch.cat([ties, torch.nextafter(ties, torch.zeros(7)), torch.nextafter(ties, torch.full((7,), 9.0))])
+    a = torch.cat([grid, near, torch.tensor([0.0, 6.0, 1e30, 1e-40])])
+    expected = torch.tensor(formats.E2M1_SIGNED_VALUES)[formats.round_to_e2m1(a).long()]
+    assert torch.equal(round_e2m1_magnitude(a), expected)
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
