@@ -50,8 +50,15 @@ def build_root(request):
     return Path(env) if env else Path(request.config.cache.mkdir("wush_cuda_build"))
 
 
-def _build(toolchain, root, arch, names):
-    return builder.build([arch], out=root, only=names, toolchain=toolchain, jobs=2)[arch]
+_FP4_TARGETS = ["fp4_sm100_mxfp4_bf16", "fp4_sm100_nvfp4_bf16", "fp4_gemm_sm100",
+                "fp4_sm120_mxfp4_bf16", "fp4_sm120_nvfp4_bf16"]
+
+
+@pytest.fixture(scope="module")
+def fp4_root(toolchain, build_root):
+    """The FP4 artifacts the slow checks read, built in one parallel nvcc batch (all CPU cores)."""
+    builder.build(["sm_100a", "sm_120a"], out=build_root, only=_FP4_TARGETS, toolchain=toolchain)
+    return build_root
 
 
 def _target(arch, name):
@@ -68,8 +75,9 @@ def _opcodes(sass: str) -> list[str]:
 
 
 def test_quantize_kernels_compile_for_every_architecture(toolchain, cuobjdump, build_root):
+    builder.build(["sm_90a", "sm_100a", "sm_120a"], out=build_root, only=["transform_quantize"], toolchain=toolchain)
     for arch in ("sm_90a", "sm_100a", "sm_120a"):
-        d = _build(toolchain, build_root, arch, ["transform_quantize"])
+        d = build_root / arch
         cubin = d / _target(arch, "transform_quantize").filename
         sass = _sass(cuobjdump, cubin)
         assert f"code for {arch}" in sass
@@ -88,9 +96,9 @@ def test_quantize_kernels_compile_for_every_architecture(toolchain, cuobjdump, b
     ("mxfp4", "tcgen05.mma.cta_group::1.kind::mxf4.block_scale.block32", "UTCOMMA"),
     ("nvfp4", "tcgen05.mma.cta_group::1.kind::mxf4nvf4.block_scale.block16", "UTCOMMA.4X"),
 ])
-def test_sm100_gemm_uses_block_scaled_tcgen05_mma(toolchain, cuobjdump, build_root, fmt, ptx_kind, sass_mma):
+def test_sm100_gemm_uses_block_scaled_tcgen05_mma(toolchain, cuobjdump, fp4_root, fmt, ptx_kind, sass_mma):
     name = f"fp4_sm100_{fmt}_bf16"
-    d = _build(toolchain, build_root, "sm_100a", [name])
+    d = fp4_root / "sm_100a"
     t = _target("sm_100a", name)
     ptx = (d / t.ptx_filename).read_text()
     assert ptx_kind in ptx
@@ -106,14 +114,16 @@ def test_sm100_gemm_uses_block_scaled_tcgen05_mma(toolchain, cuobjdump, build_ro
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt,ptx_re,sass_re", [
-    ("mxfp4", r"mma\.sync\.aligned\.kind::mxf4nvf4\.block_scale\.scale_vec::2X\.m16n8k64\.row\.col\.f32\.e2m1\.e2m1\.f32\.ue8m0",
+    ("mxfp4", r"mma\.sync\.aligned\.kind::mxf4nvf4\.block_scale\.scale_vec::2X\.m16n8k64\.row\.col"
+              r"\.f32\.e2m1\.e2m1\.f32\.ue8m0",
      r"OMMA\.SF\.16864\.F32\.E2M1\.E2M1\.E8"),
-    ("nvfp4", r"mma\.sync\.aligned\.kind::mxf4nvf4\.block_scale\.scale_vec::4X\.m16n8k64\.row\.col\.f32\.e2m1\.e2m1\.f32\.ue4m3",
+    ("nvfp4", r"mma\.sync\.aligned\.kind::mxf4nvf4\.block_scale\.scale_vec::4X\.m16n8k64\.row\.col"
+              r"\.f32\.e2m1\.e2m1\.f32\.ue4m3",
      r"OMMA\.SF\.16864\.F32\.E2M1\.E2M1\.UE4M3"),
 ])
-def test_sm120_gemm_uses_block_scaled_mma(toolchain, cuobjdump, build_root, fmt, ptx_re, sass_re):
+def test_sm120_gemm_uses_block_scaled_mma(toolchain, cuobjdump, fp4_root, fmt, ptx_re, sass_re):
     name = f"fp4_sm120_{fmt}_bf16"
-    d = _build(toolchain, build_root, "sm_120a", [name])
+    d = fp4_root / "sm_120a"
     t = _target("sm_120a", name)
     assert re.search(ptx_re, (d / t.ptx_filename).read_text())
     sass = _sass(cuobjdump, d / t.filename)
@@ -122,8 +132,8 @@ def test_sm120_gemm_uses_block_scaled_mma(toolchain, cuobjdump, build_root, fmt,
 
 
 @pytest.fixture(scope="module")
-def sm100_host(toolchain, build_root):
-    d = _build(toolchain, build_root, "sm_100a", ["fp4_gemm_sm100"])
+def sm100_host(toolchain, fp4_root):
+    d = fp4_root / "sm_100a"
     lib = ctypes.CDLL(str(d / _target("sm_100a", "fp4_gemm_sm100").filename))
     lib.wush_fp4_sm100_sf_offset.restype = ctypes.c_int64
     lib.wush_fp4_sm100_sf_offset.argtypes = [ctypes.c_int32] + [ctypes.c_int64] * 4

@@ -2,7 +2,6 @@
 argument errors, and the ctypes ABI structs."""
 
 import ctypes
-import json
 
 import pytest
 import torch
@@ -50,7 +49,8 @@ def test_available_needs_cuda_python_to_drive_the_gpu(monkeypatch):
     _fake_gpu(monkeypatch, (10, 0))
 
     def no_driver():
-        raise loader.CudaUnavailable("cuda-python is not installed (needed to load the cubins): pip install cuda-python")
+        raise loader.CudaUnavailable("cuda-python is not installed (needed to load the cubins): "
+                                     "pip install cuda-python")
 
     monkeypatch.setattr(loader, "driver", no_driver)
     ok, why = wcuda.available("cuda:0")
@@ -223,7 +223,8 @@ def test_fp4_gemm_argument_errors():
 
 
 def test_ops_refuse_cpu_tensors_with_a_pointer_to_the_reference():
-    args = {k: (torch.zeros(v.shape, dtype=v.dtype) if isinstance(v, torch.Tensor) else v) for k, v in _meta_fp4().items()}
+    args = {k: (torch.zeros(v.shape, dtype=v.dtype) if isinstance(v, torch.Tensor) else v)
+            for k, v in _meta_fp4().items()}
     with pytest.raises(ValueError, match="CUDA tensors only.*reference"):
         torch.ops.wush.cutlass_fp4_gemm(**args)
     x = torch.zeros(4, 64)

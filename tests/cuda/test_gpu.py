@@ -290,12 +290,15 @@ def _blackwell_kernel(arch, variant):
     ("sm_100a", "fp4_sm100_mxfp4_bf16"), ("sm_100a", "fp4_sm100_nvfp4_fp32"),
     ("sm_120a", "fp4_sm120_mxfp4_bf16"), ("sm_120a", "fp4_sm120_nvfp4_fp32"),
 ])
-def test_blackwell_params_build_with_the_real_driver(arch, arch_name, variant):
-    """The FP4 variants' host half (CUTLASS's own Params: TMA descriptors for A, B, their swizzled scale
-    factors and D) runs on any GPU's driver: shapes accepted, no workspace, a sensible persistent grid."""
+def test_blackwell_params_with_the_real_driver(arch, arch_name, variant):
+    """The FP4 variants' host half (CUTLASS's own Params: TMA descriptors for A, B, their swizzled scale factors
+    and D) against a real driver. On Blackwell the shapes are accepted with no workspace and a persistent grid.
+    Elsewhere the driver refuses the packed-FP4 tensor maps of A and B (seen on the H100, 2026-11-23: only those
+    descriptors fail; the scale-factor and output maps encode), and that must surface as a clear error."""
     k = _blackwell_kernel(arch_name, variant)
     g = 32 if "mxfp4" in variant else 16
     out_dtype = torch.bfloat16 if variant.endswith("bf16") else torch.float32
+    native = torch.cuda.get_device_capability()[0] in (10, 12)
     for m, n, kk in ((1, 256, 512), (300, 4096, 4096), (8192, 28672, 4096)):
         a = torch.empty(m, kk // 2, dtype=torch.uint8, device=DEV)
         b = torch.empty(n, kk // 2, dtype=torch.uint8, device=DEV)
@@ -306,6 +309,10 @@ def test_blackwell_params_build_with_the_real_driver(arch, arch_name, variant):
         args = loader.WushGemmArgs(m=m, n=n, k=kk, a=a.data_ptr(), b=b.data_ptr(), a_scale=sa.data_ptr(),
                                    b_scale=sb.data_ptr(), alpha_a=one.data_ptr(), alpha_b=one.data_ptr(), bias=0,
                                    d=d.data_ptr(), sm_count=148, max_swizzle=0)
+        if not native:
+            with pytest.raises(loader.CudaLaunchError, match="cuTensorMapEncodeTiled failed"):
+                k.prepare(args)
+            continue
         params, grid = k.prepare(args)
         tiles = -(-m // k.info.tile[0]) * -(-n // k.info.tile[1])
         assert 1 <= grid[0] * grid[1] * grid[2] <= max(tiles, 148), (m, n, kk, grid)

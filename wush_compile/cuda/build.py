@@ -26,7 +26,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wush_compile.cuda.build", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS), choices=sorted(ARCHS),
                         help="architectures to build (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=None, help="output directory; artifacts go to OUT/<arch>/ (default: the keyed user cache)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory; artifacts go to OUT/<arch>/ (default: the keyed user cache)")
     parser.add_argument("--only", nargs="+", default=None, help="build only these targets (variant names, ...)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel nvcc processes (default: CPU count)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the artifacts exist")

@@ -8,17 +8,18 @@ What is built, per architecture (see :func:`targets`):
 - ``<variant>.<arch>.<hash>.cubin`` (+ ``.ptx``): one CUTLASS GEMM variant each, e.g. ``fp4_sm100_mxfp4_bf16`` (block-
   scaled MXFP4 / NVFP4 GEMMs for sm_100a and sm_120a) or ``fp8_sm90_bf16`` (a row-scaled fp8 GEMM for sm_90a),
   holding one ``extern "C"`` kernel ``wush_<variant>_kernel``.
-- ``libwush_<source>.<arch>.<hash>.so``: the host half of one GEMM source (``wush_<variant>_info`` / ``_prepare``), built from
-  the same text with ``-DWUSH_HOST_ONLY``; it runs CUTLASS's own host code to fill the kernel's Params (TMA
-  descriptors included) and needs no CUDA runtime.
+- ``libwush_<source>.<arch>.<hash>.so``: the host half of one GEMM source (``wush_<variant>_info`` /
+  ``_prepare``), built from the same text with ``-DWUSH_HOST_ONLY``; it runs CUTLASS's own host code to fill
+  the kernel's Params (TMA descriptors included), taking cuTensorMapEncodeTiled from the driver the process
+  has loaded; it calls no CUDA runtime API.
 - ``transform_quantize.<arch>.<hash>.cubin``: the fused per-block transform + FP4 quantize kernels (plain CUDA).
 
 Every file name carries a hash of exactly the sources, defines and flags it is built from
 (:attr:`Target.filename`), so an edited kernel never meets an old artifact and unchanged ones stay valid.
 Artifacts land in a cache directory keyed by the nvcc and CUTLASS versions and the architecture
-(:func:`cache_dir`), each file written atomically, so concurrent and partial builds are safe. ``WUSH_CUDA_CACHE`` moves the cache root;
-``WUSH_NVCC`` / ``CUDA_HOME`` pick the compiler; ``WUSH_CUTLASS_INCLUDE`` the CUTLASS headers (default: the
-``nvidia-cutlass`` pip package).
+(:func:`cache_dir`), each file written atomically, so concurrent and partial builds are safe.
+``WUSH_CUDA_CACHE`` moves the cache root; ``WUSH_NVCC`` / ``CUDA_HOME`` pick the compiler;
+``WUSH_CUTLASS_INCLUDE`` the CUTLASS headers (default: the ``nvidia-cutlass`` pip package).
 """
 
 from __future__ import annotations

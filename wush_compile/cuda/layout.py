@@ -121,7 +121,9 @@ def quantize_launch(m: int, k: int, fmt: Format | str, x_dtype: torch.dtype, has
     f = Format.parse(fmt)
     g = f.group_size
     if m < 1 or k < 1 or k % g:
-        raise ValueError(f"transform_quantize: need M >= 1 and K a positive multiple of {g} for {f.value}, got M={m}, K={k}")
+        raise ValueError(
+            f"transform_quantize: need M >= 1 and K a positive multiple of {g} for {f.value}, got M={m}, K={k}"
+        )
     rows = _MIN_QUANT_ROWS
     while rows < min(m, _MAX_QUANT_ROWS):
         rows *= 2

@@ -392,7 +392,11 @@ class GemmKernel:
         fn = getattr(self.host.lib, f"wush_{self.variant}_prepare")
         rc = fn(ctypes.byref(args), params, ctypes.c_int64(self.info.params_bytes), grid, ctypes.byref(workspace))
         if rc != 0:
-            raise CudaLaunchError(f"{self.variant}: {self.host.last_error()} (code {rc})")
+            hint = ""
+            if rc == 5 and self.info.sf_vec:
+                hint = ("; the packed-FP4 operands need tensor-map types that only sm_100 / sm_120 drivers encode "
+                        "(on other GPUs this variant cannot run)")
+            raise CudaLaunchError(f"{self.variant}: {self.host.last_error()} (code {rc}){hint}")
         hit = (params, (grid[0], grid[1], grid[2]))
         self._prepared[key] = hit
         if len(self._prepared) > self._CACHE_SIZE:

@@ -103,7 +103,8 @@ def _check_aligned(name: str, t: torch.Tensor) -> None:
 def _check_scalar(name: str, t: torch.Tensor, device: torch.device) -> None:
     _require(t.dtype == torch.float32 and t.numel() == 1, TypeError,
              lambda: f"{name} must be an fp32 scalar tensor, got {t.dtype} of shape {tuple(t.shape)}")
-    _require(t.device == device, ValueError, lambda: f"{name} is on {t.device} but the operands are on {device}; move it")
+    _require(t.device == device, ValueError,
+             lambda: f"{name} is on {t.device} but the operands are on {device}; move it")
 
 
 def _check_bias(bias: Optional[torch.Tensor], n: int, device: torch.device) -> Optional[torch.Tensor]:
@@ -158,18 +159,22 @@ def _require_cuda(t: torch.Tensor, op: str) -> None:
 def _check_quantize_args(x, transform, act_global_scale, fmt) -> Format:
     f = Format.parse(fmt)
     g = f.group_size
-    _require(x.dim() == 2, ValueError, lambda: f"transform_quantize expects 2-D activations (M, K), got {tuple(x.shape)}")
+    _require(x.dim() == 2, ValueError,
+             lambda: f"transform_quantize expects 2-D activations (M, K), got {tuple(x.shape)}")
     _require(x.dtype in _OUT_NAMES, TypeError,
              lambda: f"activations must be float32, bfloat16 or float16, got {x.dtype}; cast the input")
     m, k = x.shape
     _require(k % g == 0 and k % layout.GEMM_ALIGN_K == 0, ValueError,
-             lambda: f"K={k} must be a multiple of {layout.GEMM_ALIGN_K} for the CUDA kernels ({f.value} groups are {g}); "
+             lambda: f"K={k} must be a multiple of {layout.GEMM_ALIGN_K} for the CUDA kernels "
+             f"({f.value} groups are {g}); "
              "pad K or use the Triton / reference kernels")
     if transform is not None:
         _require(tuple(transform.shape) == (k // g, g, g), ValueError,
                  lambda: f"transform must be {(k // g, g, g)}, got {tuple(transform.shape)}")
-        _require(transform.is_floating_point(), TypeError, lambda: f"transform must be floating point, got {transform.dtype}")
-        _require(transform.device == x.device, ValueError, lambda: f"transform is on {transform.device}, x on {x.device}")
+        _require(transform.is_floating_point(), TypeError,
+                 lambda: f"transform must be floating point, got {transform.dtype}")
+        _require(transform.device == x.device, ValueError,
+                 lambda: f"transform is on {transform.device}, x on {x.device}")
     _check_scalar("act_global_scale", act_global_scale, x.device)
     return f
 
@@ -237,10 +242,12 @@ def _check_fp4_gemm_args(a_codes, a_scales, a_gs, w_codes, w_scales, w_gs, bias,
     for name, t, rows in (("a_scales", a_scales, m), ("w_scales", w_scales, n)):
         need = layout.swizzled_scale_numel(rows, k // g)
         _require(t.dtype == torch.uint8 and t.numel() == need, ValueError,
-                 lambda: f"{name} must be a swizzled uint8 buffer of {need} bytes for ({rows}, {k // g}) {f.value} scales "
+                 lambda: f"{name} must be a swizzled uint8 buffer of {need} bytes for ({rows}, {k // g}) {f.value} "
+                 "scales "
                  f"(wush_compile.cuda.layout.to_swizzled), got {t.dtype} with {t.numel()} elements")
     for name, t in (("a_codes", a_codes), ("a_scales", a_scales), ("w_codes", w_codes), ("w_scales", w_scales)):
-        _require(t.device == a_codes.device, ValueError, lambda: f"{name} is on {t.device}, a_codes on {a_codes.device}")
+        _require(t.device == a_codes.device, ValueError,
+                 lambda: f"{name} is on {t.device}, a_codes on {a_codes.device}")
     _check_scalar("a_global_scale", a_gs, a_codes.device)
     _check_scalar("w_global_scale", w_gs, a_codes.device)
     if bias is not None:
