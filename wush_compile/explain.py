@@ -240,7 +240,7 @@ def explain(
         )
     report = build_report(model, graphs)
     text = str(report)
-    logger.info("%s", text)
+    logger.debug("%s", text)
     torch._logging.trace_structured(
         "artifact",
         metadata_fn=lambda: {"name": ARTIFACT_NAME, "encoding": "string"},
