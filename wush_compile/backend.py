@@ -150,11 +150,25 @@ def wush_backend(
     config_patches = _inductor_config(mode, inductor_options)
     result = run_passes(gm, example_inputs, opts)
     _emit(result)
+    if result.rewritten:
+        _prepare_devices(example_inputs)
     if not opts.inductor:
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs, config_patches=config_patches)
+
+
+def _prepare_devices(example_inputs: Sequence[Any]) -> None:
+    """Allocate the kernels' persistent buffers now: under mode="reduce-overhead" the first kernel call happens
+    in CUDA-graph warm-up, where a lazily allocated buffer would land in the graph's memory pool."""
+    devices = {t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"}
+    if not devices:
+        return
+    from .ops import kernels
+
+    for device in devices:
+        kernels.prepare(device)
 
 
 def _reset() -> None:

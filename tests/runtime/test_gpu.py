@@ -162,11 +162,6 @@ def test_generate_reduce_overhead_no_python_per_token(monkeypatch):
     assert torch.equal(out[:, : ids.shape[1] + 4], eager[:, : ids.shape[1] + 4]), (out, eager)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kernels._locks allocates the split-K counters lazily per (device, stream); under mode='reduce-overhead' the "
-    "first call on the CUDA-graph-tree stream runs during warm-up, when allocations go to the graph pool, and "
-    "cudagraph trees reject the cached buffer ('tensor(s) in the cudagraph pool not tracked as outputs'). "
-    "Seen on H100 2026-11-23 (benchmarks/OVERHEAD.md). Remove this marker when the kernels allocate it outside"))
 def test_reduce_overhead_split_k_layer():
     """A decode-size layer that takes split-K (576 x 576: split_k=9) compiled with CUDA graphs."""
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""``wush bench``: ``--layers`` runs the per-layer benchmark (``--e2e`` plugs in here later)."""
+"""``wush bench``: ``--layers`` runs the per-layer benchmark, ``--e2e`` the end-to-end generation benchmark."""
 
 from __future__ import annotations
 
@@ -10,8 +10,16 @@ logger = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks on the GPU (per layer; end to end later)")
+    p = subparsers.add_parser("bench", help="benchmarks on the GPU: per layer (--layers) and end to end (--e2e)")
     p.add_argument("--layers", action="store_true", help="per-layer benchmark: WUSH linear vs bf16 and fp8")
+    p.add_argument("--e2e", action="store_true",
+                   help="end to end: compiled prefill/decode tokens/s, wush vs bf16 (and SmolLM2 greedy text)")
+    p.add_argument("--model", action="append", default=None,
+                   help="--e2e models: smollm2_shape, llama8b (random weights, speed only), smollm2 (real weights, "
+                        "greedy text check); default smollm2_shape and llama8b")
+    p.add_argument("--prompt-len", type=int, default=2048, help="--e2e prefill prompt length (default 2048)")
+    p.add_argument("--new-tokens", type=int, default=256, help="--e2e decode steps (default 256)")
+    p.add_argument("--batch", type=int, action="append", default=None, help="--e2e decode batch sizes (default 1 16)")
     p.add_argument("--layer", action="append", default=None,
                    help="layer shape(s) to run (default: all of qkv, o, gate_up, down, 70b_down)")
     p.add_argument("--m", type=int, action="append", default=None, help="token counts M (default 1 16 128 2048 8192)")
@@ -22,9 +30,18 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if not args.layers:
-        logger.error("wush bench: choose what to run, e.g. --layers")
+    if not (args.layers or args.e2e):
+        logger.error("wush bench: choose what to run: --layers and/or --e2e")
         return 2
+    if args.e2e:
+        from . import e2e
+
+        settings = e2e.E2ESettings(
+            models=tuple(args.model or e2e.E2ESettings.models), fmt=(args.fmt or ["mxfp4"])[0],
+            prompt_len=args.prompt_len, new_tokens=args.new_tokens, batches=tuple(args.batch or (1, 16)))
+        e2e.run(settings, out_dir=args.out, log=print)
+        if not args.layers:
+            return 0
     from . import layers
 
     unknown = [name for name in (args.layer or []) if name not in layers.LAYERS]

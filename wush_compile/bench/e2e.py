@@ -165,26 +165,35 @@ class Runner:
                                    dtype=self.model.dtype, device=self.device)
         return cache
 
-    def generate(self, ids: torch.Tensor, new_tokens: int, cache=None, timed: bool = False):
-        """Greedy: returns (tokens (B, new_tokens), prefill seconds, decode seconds)."""
-        b, t = ids.shape
-        cache = cache if cache is not None else self.cache(b, t + new_tokens)
-        sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
-        sync()
+    def _sync(self, t: torch.Tensor) -> None:
+        if t.is_cuda:
+            torch.cuda.synchronize(t.device)
+
+    def decode_loop(self, tok: torch.Tensor, cache, start: int, steps: int) -> tuple[list[torch.Tensor], float]:
+        """``steps`` greedy decode steps from ``tok`` (B, 1) at position ``start``: (tokens, seconds)."""
+        self._sync(tok)
         t0 = time.perf_counter()
-        tok = self.prefill(ids, cache, torch.arange(t, device=ids.device)).clone()  # (B, 1)
-        sync()
-        t1 = time.perf_counter()
-        out = [tok]
-        pos = torch.full((1,), t, dtype=torch.long, device=ids.device)
-        for _ in range(new_tokens - 1):
+        out = []
+        pos = torch.full((1,), start, dtype=torch.long, device=tok.device)
+        for _ in range(steps):
             # Outputs of a CUDA-graph replay are overwritten by the next replay: keep a copy.
             tok = self.decode(tok, cache, pos).clone()
             out.append(tok)
             pos = pos + 1
-        sync()
-        t2 = time.perf_counter()
-        return torch.cat(out, 1), t1 - t0, t2 - t1
+        self._sync(tok)
+        return out, time.perf_counter() - t0
+
+    def generate(self, ids: torch.Tensor, new_tokens: int, cache=None):
+        """Greedy: returns (tokens (B, new_tokens), prefill seconds, decode seconds)."""
+        b, t = ids.shape
+        cache = cache if cache is not None else self.cache(b, t + new_tokens)
+        self._sync(ids)
+        t0 = time.perf_counter()
+        tok = self.prefill(ids, cache, torch.arange(t, device=ids.device)).clone()  # (B, 1)
+        self._sync(tok)
+        t1 = time.perf_counter()
+        out, td = self.decode_loop(tok, cache, t, new_tokens - 1)
+        return torch.cat([tok] + out, 1), t1 - t0, td
 
 
 def _counters() -> dict:
@@ -201,31 +210,38 @@ def measure(model: nn.Module, backend: str, s: E2ESettings, vocab: int, device, 
     runner = Runner(model, backend, s.mode if torch.cuda.is_available() else None, device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     res: dict = {"label": label, "backend": backend, "model_bytes": model_bytes(model)}
-    batches = sorted(set(s.batches) | {1})
-    short = {b: torch.randint(0, vocab, (b, 16), generator=gen).to(device) for b in batches}
     long = torch.randint(0, vocab, (1, s.prompt_len), generator=gen).to(device)
-    # One cache per batch size, reused (reset) for every run: a new cache would be new static addresses.
-    caches = {b: runner.cache(b, (s.prompt_len if b == 1 else 16) + s.new_tokens) for b in batches}
+    first = {b: torch.randint(0, vocab, (b, 1), generator=gen).to(device) for b in s.batches}
+    # One cache per shape, reused (reset) for every run: a new cache would be new static addresses. Decode is
+    # timed from an empty cache (position 0 on), so only three graphs exist: prefill (1, prompt_len) and one
+    # decode step per batch size.
+    pre_cache = runner.cache(1, s.prompt_len)
+    caches = {b: runner.cache(b, s.new_tokens) for b in s.batches}
     # Warm-up (= compilation and CUDA-graph recording) of every shape that is timed later.
     t0 = time.perf_counter()
-    runner.generate(long, 3, cache=caches[1])
-    for b in batches:
-        caches[b].reset()
-        runner.generate(short[b], 3, cache=caches[b])
+    for _ in range(3):
+        pre_cache.reset()
+        runner.prefill(long, pre_cache, torch.arange(s.prompt_len, device=device))
+        for b in s.batches:
+            caches[b].reset()
+            runner.decode_loop(first[b], caches[b], 0, 2)
     res["compile_s"] = time.perf_counter() - t0
     before = _counters()
     # Prefill: batch 1, prompt_len tokens, median of 5.
     pre = []
     for _ in range(5):
-        caches[1].reset()
-        _, tp, _ = runner.generate(long, 1, cache=caches[1])
-        pre.append(tp)
+        pre_cache.reset()
+        runner._sync(long)
+        t0 = time.perf_counter()
+        runner.prefill(long, pre_cache, torch.arange(s.prompt_len, device=device))
+        runner._sync(long)
+        pre.append(time.perf_counter() - t0)
     res["prefill_tok_s"] = s.prompt_len / sorted(pre)[len(pre) // 2]
-    # Decode: new_tokens greedy steps after a 16-token prompt, per batch size.
+    # Decode: new_tokens greedy steps per batch size.
     for b in s.batches:
         caches[b].reset()
-        _, _, td = runner.generate(short[b], s.new_tokens, cache=caches[b])
-        res[f"decode_b{b}_tok_s"] = b * (s.new_tokens - 1) / td
+        _, td = runner.decode_loop(first[b], caches[b], 0, s.new_tokens)
+        res[f"decode_b{b}_tok_s"] = b * s.new_tokens / td
     after = _counters()
     res["counters_after_warmup"] = before
     res["recompiles_while_timing"] = after["unique_graphs"] - before["unique_graphs"]
@@ -252,6 +268,14 @@ def _text_check(model, tok, runner_wush: Runner, fp_tokens: torch.Tensor, s: E2E
         "compiled_equals_eager": first_diff is None,
         "first_difference_at": first_diff,
     }
+
+
+def _release_compiled() -> None:
+    """Drop compiled graphs and recorded CUDA graphs (their memory pools) before the next phase."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_model(name: str, s: E2ESettings, device) -> dict:
@@ -287,6 +311,7 @@ def run_model(name: str, s: E2ESettings, device) -> dict:
         vocab = model.config.vocab_size
         out["note"] = "random weights, RTN with random Hessians: speed only, outputs are meaningless"
         out["bf16"] = measure(model, "inductor", s, vocab, device, "bf16")
+        _release_compiled()
         cfg = WushConfig(format=s.fmt, method=Method.RTN, transform=TransformKind.WUSH)
         t0 = time.perf_counter()
         out["quantized_layers"] = calibrate_random(model, cfg)

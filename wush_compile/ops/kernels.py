@@ -216,11 +216,15 @@ _STATS: dict = {}
 
 
 def _locks(device: torch.device, n: int) -> torch.Tensor:
-    """Self-resetting split-K counters (zero between calls), one set per device and stream."""
+    """Self-resetting split-K counters (back to zero after every launch), one set per device.
+
+    Per device, not per stream: CUDA-graph trees warm up and capture on their own stream, and a buffer first
+    allocated there would land in the graph's memory pool. :func:`prepare` allocates it up front (the backend
+    calls it at compile time). Split-K launches on one device must not run concurrently on two streams.
+    """
     if n > _MAX_LOCKS:
         raise ValueError(f"split-K needs {n} tile counters, more than {_MAX_LOCKS}; use fewer splits")
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+    key = str(device)
     t = _LOCKS.get(key)
     if t is None:
         t = torch.zeros(_MAX_LOCKS, dtype=torch.int32, device=device)
@@ -235,6 +239,19 @@ def _stats(device: torch.device) -> torch.Tensor:
         t = torch.zeros(4, dtype=torch.int32, device=device)
         _STATS[key] = t
     return t
+
+
+def prepare(device) -> None:
+    """Allocate the launchers' persistent device buffers (split-K counters, fallback counters, MXFP4's global
+    scale) on ``device`` now, outside any CUDA-graph capture or graph memory pool. Idempotent."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    _locks(device, 0)
+    _stats(device)
+    _mx_global(device)
 
 
 def fallback_stats(device=None, reset: bool = False) -> dict:
