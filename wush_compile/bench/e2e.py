@@ -380,15 +380,16 @@ def run(s: E2ESettings, out_dir: Path | None = None, log: Callable[[str], None] 
     env = common.environment()
     log(common.header(env))
     results = []
-    for name in s.models:
-        results.append(run_model(name, s, device))
-        log(format_table(results[-1:]))
-    table = format_table(results)
-    log("\n" + table)
     out = {"environment": env, "settings": dataclasses.asdict(s) | {"fmt": s.fmt.value}, "results": results}
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        common.save_json(out_dir / "e2e.json", out)
+    for name in s.models:
+        results.append(run_model(name, s, device))
+        log(format_table(results[-1:]))
+        if out_dir is not None:  # after every model, so a cut-off run keeps what it measured
+            common.save_json(out_dir / "e2e.json", out)
+    log("\n" + format_table(results))
+    if out_dir is not None:
         plot(results, out_dir / "e2e.png")
     return out
