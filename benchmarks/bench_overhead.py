@@ -132,7 +132,18 @@ def main(argv=None) -> int:
     add("torch.ops.wush.linear (op call, reference)", lambda: torch.ops.wush.linear(x, *bufs))
     add("torch.ops.wush.fused_linear kernel=reference", lambda: torch.ops.wush.fused_linear(x, *bufs, "reference"))
     add("torch.ops.wush.fused_linear kernel=auto", lambda: torch.ops.wush.fused_linear(x, *bufs, "auto"))
-    # The op's own cost (torch dispatcher + checks + dispatch), seen on a layer whose math is negligible.
+    # The op's own cost (torch dispatcher + checks + dispatch + reshapes): the same call with the math stubbed
+    # out (the twin replaced by a function returning a preallocated output) for the duration of one row.
+    out_stub = torch.empty(args.m, args.n, dtype=dtype, device=device)
+    real_ref = reference.linear_ref
+    reference.linear_ref = lambda *a, **k: out_stub
+    try:
+        add("op machinery only: torch.ops.wush.fused_linear kernel=reference, math stubbed",
+            lambda: torch.ops.wush.fused_linear(x, *bufs, "reference"))
+        add("op machinery only: torch.ops.wush.linear, math stubbed", lambda: torch.ops.wush.linear(x, *bufs))
+    finally:
+        reference.linear_ref = real_ref
+    # ... and on a layer whose math is small.
     g = fmt.group_size
     tiny = make_layer(g, 2 * g, fmt, device, dtype)
     xt = x[:, : 2 * g].contiguous()
