@@ -7,7 +7,9 @@ Python per generate call after warm-up (0 expected for the decode steps under CU
 (``kernels._locks``, one buffer per device and stream, allocated on first use) by one buffer allocated here,
 before compiling. Inductor's CUDA-graph trees warm a graph up with allocations routed to their memory pool, so a
 buffer first allocated there and kept in a module-level cache trips "tensor in the cudagraph pool not tracked as
-outputs"; this flag shows whether the runtime works once that allocation happens outside the pool.
+outputs"; this flag showed the runtime works once that allocation happens outside the pool (H100, 2026-11-23).
+Since commit 00766db the counters are per device and the backend allocates them at compile time
+(``kernels.prepare``), so the flag should make no difference.
 
     PYTHONPATH=. python tests/runtime/gpu_reduce_overhead_probe.py [--device-keyed-scratch]
 """
