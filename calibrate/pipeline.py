@@ -27,12 +27,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from wush_compile.config import ActScale, Format, WushConfig
+from wush_compile.config import ActScale, Format, Method, WushConfig
 from wush_compile.modules import WushLinear
 
 from . import capture
 from .architectures import decoder_layers, get_architecture
 from .hessian import HessianAccumulator
+from .rtn import DATA_AWARE_KINDS
 from .layer import (
     MODEL_DTYPES,
     build_wush_linear,
@@ -156,9 +157,9 @@ class _ErrorMeter:
         self.den = 0.0
 
     def __call__(self, _module, args, output) -> None:
-        y = torch.nn.functional.linear(args[0], self.weight, self.bias).double()  # (..., N) full precision
-        self.num += float(((output.double() - y) ** 2).sum())
-        self.den += float((y**2).sum())
+        y = torch.nn.functional.linear(args[0], self.weight, self.bias).float()  # (..., N) full precision
+        self.num += float(torch.linalg.vector_norm(output.float() - y)) ** 2
+        self.den += float(torch.linalg.vector_norm(y)) ** 2
 
     @property
     def rel_err(self) -> float:
@@ -169,7 +170,7 @@ class _ErrorMeter:
 
 def _quantize_group(
     members: list[tuple[str, str, nn.Linear]],
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | None,
     chunks: list[torch.Tensor] | None,
     config: WushConfig,
     dtype: torch.dtype,
@@ -287,6 +288,8 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushCon
         model, layers, batch_list, device=device, offload=config.offload_activations
     )
     keep_chunks = config.format is Format.NVFP4 and config.act_scale is ActScale.STATIC
+    # RTN with a data-free transform (identity, hadamard, random) needs no Hessian: skip the capture pass.
+    needs_capture = keep_chunks or config.method is Method.GPTQ or config.transform in DATA_AWARE_KINDS
     desc = f"calibrate {config.format.value}/{config.method.value}/{config.transform.value}"
     for i in tqdm(range(len(layers)), desc=desc, unit="block"):
         block = layers[i]
@@ -302,14 +305,21 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushCon
             if keep_chunks:
                 chunks[name].append(x.to(inputs.storage))
 
-        capture.capture_group_inputs(block, i, leaders, inputs, device=device, on_input=on_input)
+        if needs_capture:
+            capture.capture_group_inputs(block, i, leaders, inputs, device=device, on_input=on_input)
         # 2. Quantize every group and swap the WushLinears in.
         meters: list[tuple[str, nn.Module, _ErrorMeter]] = []
         for members in groups:
             leader = members[0][0]
             group_name = f"{prefix}.{'+'.join(p.rpartition('.')[2] for _, p, _ in members)}"
             modules = _quantize_group(
-                members, accs[leader].mean(), chunks[leader] if keep_chunks else None, config, dtype, device, group_name
+                members,
+                accs[leader].mean() if needs_capture else None,
+                chunks[leader] if keep_chunks else None,
+                config,
+                dtype,
+                device,
+                group_name,
             )
             for (full, path, lin), wl in zip(members, modules):
                 meters.append((full, wl, _ErrorMeter(lin)))
