@@ -199,8 +199,10 @@ class Runner:
 def _counters() -> dict:
     from torch._dynamo.utils import counters
 
-    return {"unique_graphs": int(counters["stats"]["unique_graphs"]), "frames_ok": int(counters["frames"]["ok"]),
-            "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0}
+    return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
+            "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0,
+            # > 0 means Inductor fell back from CUDA graphs for some graph (mode="reduce-overhead")
+            "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
 
 
 def measure(model: nn.Module, backend: str, s: E2ESettings, vocab: int, device, label: str) -> dict:
