@@ -22,7 +22,7 @@ _SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wush", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="wush", description="WUSH FP4 quantization and torch.compile runtime: quantize | eval | explain | bench")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
