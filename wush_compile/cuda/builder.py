@@ -13,6 +13,8 @@ What is built, per architecture (see :func:`targets`):
   the kernel's Params (TMA descriptors included), taking cuTensorMapEncodeTiled from the driver the process
   has loaded; it calls no CUDA runtime API.
 - ``transform_quantize.<arch>.<hash>.cubin``: the fused per-block transform + FP4 quantize kernels (plain CUDA).
+- ``decode_sm90.sm_90a.<hash>.cubin`` (sm_90a only): the decode (M <= 16) act + GEMM kernels of
+  :mod:`wush_compile.cuda.decode` (plain CUDA, no CUTLASS).
 
 Every file name carries a hash of exactly the sources, defines and flags it is built from
 (:attr:`Target.filename`), so an edited kernel never meets an old artifact and unchanged ones stay valid.
@@ -81,6 +83,8 @@ _GEMM_SOURCES = {
     "sm_120a": "fp4_gemm_sm120.cu",
 }
 QUANTIZE_SOURCE = "transform_quantize.cu"
+#: Hopper decode kernels (wush_compile.cuda.decode), built for sm_90a only.
+DECODE_SOURCE = "decode_sm90.cu"
 
 
 class BuildError(RuntimeError):
@@ -103,7 +107,7 @@ class Toolchain:
 class Target:
     """One artifact: a GEMM variant cubin, a GEMM source's host library, or the quantize cubin."""
 
-    kind: str  # "gemm" | "host" | "quantize"
+    kind: str  # "gemm" | "host" | "quantize" | "decode"
     name: str  # variant name, source stem, or "transform_quantize"
     arch: str
     source: str
@@ -112,7 +116,7 @@ class Target:
     @property
     def inputs(self) -> tuple[str, ...]:
         """The kernel files this artifact is compiled from (the GEMMs include the shared headers)."""
-        if self.kind == "quantize":
+        if self.kind in ("quantize", "decode"):
             return (self.source,)
         return (self.source, *sorted(p.name for p in KERNEL_DIR.glob("*.cuh")))
 
@@ -170,6 +174,8 @@ def targets(arch: str) -> list[Target]:
             out.append(Target("gemm", name, arch, source, tuple(defines)))
     out.append(Target("host", Path(source).stem, arch, source, ("-DWUSH_HOST_ONLY",)))
     out.append(Target("quantize", "transform_quantize", arch, QUANTIZE_SOURCE))
+    if arch == "sm_90a":
+        out.append(Target("decode", Path(DECODE_SOURCE).stem, arch, DECODE_SOURCE))
     return out
 
 

@@ -6,6 +6,8 @@ Routes of :func:`linear` (``kernel`` is a concrete :class:`~wush_compile.config.
 
 * ``TRITON_DECODE`` (small M): one fused kernel - transform + quantize of the tokens in the prologue, FP4
   weights unpacked in registers, split-K; no host sync, no data-dependent allocation (CUDA-graph safe).
+  On sm_90 with M <= 16 and K % 256 == 0 it runs the CUDA decode kernels of :mod:`wush_compile.cuda.decode`
+  instead (when their cubin is available; otherwise the Triton kernels, with the reason logged once).
 * ``TRITON_FP8`` (MXFP4 prefill): activations quantized straight into row-folded e4m3 + row scales, the
   FP4 weights expanded into a scratch e4m3 buffer, ``torch._scaled_mm`` with row-wise scales
   (``use_fast_accum=False``), then an exact fallback kernel for the rows (token or weight) whose exponent
@@ -62,6 +64,8 @@ FP8_N_ALIGN = 16
 _LARGE_LAYER = 1 << 25
 #: Largest number of split-K tiles (counters) one device keeps.
 _MAX_LOCKS = 1 << 16
+#: Decode on sm_90 runs the CUDA kernels of wush_compile.cuda.decode where they apply (see _cuda_decode_reason).
+CUDA_DECODE = True
 
 
 def triton_available() -> tuple[bool, str]:
@@ -252,6 +256,10 @@ def prepare(device) -> None:
     _locks(device, 0)
     _stats(device)
     _mx_global(device)
+    if CUDA_DECODE and torch.cuda.get_device_capability(device) == (9, 0):
+        from ..cuda import decode as cuda_decode
+
+        cuda_decode.prepare(device)
 
 
 def fallback_stats(device=None, reset: bool = False) -> dict:
@@ -448,9 +456,35 @@ def fp4_gemm(
     return _bf16_gemm(a, w, a_global_scale, w_global_scale, bias, out_dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _note_decode_fallback(reason: str) -> None:
+    logger.info("decode: Triton kernels instead of the CUDA decode kernels: %s", reason)
+
+
+def _cuda_decode_reason(x: torch.Tensor, n: int, f: Format) -> str | None:
+    """None when the CUDA decode kernels take this call, else why not (CUDA tensors only)."""
+    if not CUDA_DECODE:
+        return "kernels.CUDA_DECODE is False"
+    if _interpreting():
+        return "the Triton interpreter is active"
+    from ..cuda import decode as cuda_decode
+
+    ok, why = cuda_decode.supports(x.shape[0], n, x.shape[1], f, x.dtype)
+    if ok:
+        ok, why = cuda_decode.available(x.device)
+    return None if ok else why
+
+
 def _decode_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, out_dtype, tiles=None):
     m, k = x.shape
     n = w_codes.shape[0]
+    if tiles is None and x.device.type == "cuda":
+        why = _cuda_decode_reason(x, n, f)
+        if why is None:
+            from ..cuda import decode as cuda_decode
+
+            return cuda_decode.linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f.value)
+        _note_decode_fallback(why)
     x, transform = x.contiguous(), transform.contiguous()
     cfg = tiles or linear_tiles(m, n, k, f, _sm_count(x.device))
     if cfg.fused_act:
