@@ -28,7 +28,7 @@ from wush_compile.cuda import decode  # noqa: E402
 from wush_compile.ops import kernels  # noqa: E402
 
 LAYERS = {k: v for k, v in layers.LAYERS.items() if k in ("qkv", "o", "gate_up", "down")}
-REP_MS = 60
+REP_MS = 25
 
 
 def bench_us(fns) -> float:
