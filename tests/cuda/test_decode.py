@@ -308,11 +308,13 @@ def test_plan_geometry_and_occupancy():
             p = decode.plan(m, 6144, 4096, fmt)
             assert p.tiles == (1 if m == 1 else 2) and p.rows == 128 and p.row_blocks == 48 and p.stages_per_rb == 16
             assert p.units == 768 and p.ctas == 132 * 2 and p.smem_bytes <= 113 * 1024, p
-            assert p.gemm_kernel == f"wush_dec_gemm_{fmt}_t{p.tiles}_w4_s4"
+            assert p.gemm_kernel == f"wush_dec_gemm_{fmt}_t{p.tiles}_w4_s{4 if m == 1 else 3}"
+            assert p.config == decode.default_config(m)
     small = decode.plan(3, 100, 256, "mxfp4")
     assert small.units == 1 and small.ctas == 1
     assert decode.plan(9, 28672, 4096, "nvfp4", sms=114).ctas == 114 * 2
     assert decode.smem_bytes("mxfp4", 1, decode.DecodeConfig(4, 3)) < decode.smem_bytes("mxfp4", 1)
+    assert decode.plan(1, 6144, 4096, "mxfp4", config=decode.DecodeConfig(4, 3)).ctas == 132 * 3
 
 
 def test_supports_names_the_reason():
