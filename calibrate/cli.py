@@ -40,9 +40,9 @@ class QuantizeSettings:
     transform: TransformKind = TransformKind.WUSH
     calib_text: str | None = None
     eval_text: str | None = None
-    nsamples: int = 16
+    nsamples: int = 8
     seqlen: int = 512
-    eval_tokens: int = 8192
+    eval_tokens: int = 4096
     batch_size: int = 8
     seed: int = 0
     shared_transform: bool = False

@@ -251,14 +251,19 @@ def gptq_quantize_group(
     t_out = torch.empty(m, nb, gsz, gsz, dtype=dtype, device=dev)  # (layers, K/G, G, G)
     low_t = low.T.contiguous().to(torch.float32)  # (K, K) upper: row b holds L[:, b]
     eye = torch.eye(gsz, dtype=torch.float64, device=dev)
+    with single_thread():
+        l_blocks = low.reshape(nb, gsz, nb, gsz)[torch.arange(nb), :, torch.arange(nb), :]  # (K/G, G, G) L_bb
+        hinv_blocks = l_blocks @ l_blocks.transpose(1, 2)  # (K/G, G, G) inv(Heff_b) = L_bb L_bb^T
+        l_t_inv_blocks = torch.linalg.solve_triangular(
+            l_blocks.transpose(1, 2), eye.expand(nb, gsz, gsz), upper=True
+        )  # (K/G, G, G) inv(L_bb^T)
     window = max(gsz, (_LAZY_COLUMNS // gsz) * gsz)  # columns whose updates are applied eagerly
     pending: list[torch.Tensor] = []  # scaled block errors (sum N, G) not yet pushed past the window
     for b in range(nb):
         sl = slice(b * gsz, (b + 1) * gsz)
         w_b = w[:, sl].to(torch.float64)  # (sum N, G): the error-updated block
         with single_thread():
-            l_bb = low[sl, sl]  # (G, G)
-            hinv = l_bb @ l_bb.T  # (G, G) = inv(Heff)
+            hinv = hinv_blocks[b]  # (G, G) = inv(Heff)
             t64s, vs, us = [], [], []
             for i, sg in enumerate(segs):
                 if data_aware:
@@ -294,8 +299,7 @@ def gptq_quantize_group(
             scales[:, b] = sc[:, 0]
             if b + 1 == nb:
                 break
-            l_bb_t_inv = torch.linalg.solve_triangular(l_bb.T, eye, upper=True)  # (G, G) inv(L_bb^T)
-            err = (torch.cat(deltas, 0) @ l_bb_t_inv).to(torch.float32)  # (sum N, G)
+            err = (torch.cat(deltas, 0) @ l_t_inv_blocks[b]).to(torch.float32)  # (sum N, G) delta @ inv(L_bb^T)
         # Eager updates inside the current window, one deferred GEMM for everything after it.
         win_end = min(k, (sl.start // window + 1) * window)
         if sl.stop < win_end:

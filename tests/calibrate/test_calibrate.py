@@ -239,3 +239,15 @@ def test_report_summary_mentions_counts(batches):
     text = calibrate.get_report(model).summary()
     assert "calibrated 12 Linears" in text and "2 Linears left in high precision" in text
     assert math.isfinite(calibrate.get_report(model).mean_rel_err)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_rtn_data_free_transform_equals_quantize_linear(fmt, batches):
+    # RTN with a data-free transform depends only on the weight: calibrate must give quantize_linear's buffers.
+    cfg = WushConfig(format=fmt, method="rtn", transform="hadamard")
+    ref = tiny_model()
+    model = calibrate.calibrate(tiny_model(), batches, cfg)
+    for name, wl in _linears(model, WushLinear).items():
+        direct = calibrate.quantize_linear(ref.get_submodule(name), None, cfg.replace(act_scale="fixed"), name=name)
+        for buf in ("weight_codes", "weight_scales", "transform", "weight_global_scale"):
+            assert torch.equal(getattr(wl, buf), getattr(direct, buf)), (name, buf)
