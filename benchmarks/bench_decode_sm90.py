@@ -1,23 +1,17 @@
-"""Decode (M <= 16) on Hopper: the CUDA decode kernels (wush_compile.cuda.decode) in their variants against bf16
-``F.linear`` and fp8 row-wise ``torch._scaled_mm``, all in one run, on the Llama-3.1-8B projections.
+"""Decode (M <= 16) on Hopper: the CUDA decode kernels (wush_compile.cuda.decode) against the Triton decode route,
+bf16 ``F.linear`` and fp8 row-wise ``torch._scaled_mm``, all in one run, on the Llama-3.1-8B projections.
 
-    python benchmarks/bench_decode_sm90.py [--out DIR] [--layers qkv o ...] [--m 1 16] [--routes f f3 t ...]
-        [--baseline-cubin PATH] [--triton]
-    python benchmarks/bench_decode_sm90.py --ncu-once ...   # one call of each route, no timing (run under ncu)
-
-Routes: ``f`` fused (one launch), ``t`` two launches, each with the default stage count for M or a given one
-(``f4``, ``t3``, ...); ``fpdl`` the fused kernel launched as a programmatic dependent; ``v3`` the previous kernels
-(act kernel + GEMM of commit 33cc6ac) from a cubin built from that source (``--baseline-cubin``).
+    python benchmarks/bench_decode_sm90.py [--out DIR] [--layers qkv o ...] [--m 1 16] [--configs 4x4 4x3] [--no-triton]
+    python benchmarks/bench_decode_sm90.py --ncu-once --layers qkv --m 1   # one call per route, no timing (for ncu)
 
 Every route's output is checked against the fp64 reference (dequantized operands) on the benchmark's own inputs
-before it is timed; times are medians of ``triton.testing.do_bench_cudagraph`` (GPU time, all launches of a
+before it is timed; times are medians of ``triton.testing.do_bench_cudagraph`` (GPU time, both launches of a
 route in one graph), operands rotated so that the working set exceeds L2, random data (never zeros).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import math
@@ -35,7 +29,7 @@ from wush_compile.cuda import decode  # noqa: E402
 from wush_compile.ops import kernels  # noqa: E402
 
 LAYERS = {k: v for k, v in layers.LAYERS.items() if k in ("qkv", "o", "gate_up", "down")}
-REP_MS = 20
+REP_MS = 25
 
 
 def bench_us(fns) -> float:
@@ -50,108 +44,16 @@ def bench_us(fns) -> float:
     return tt.do_bench_cudagraph(run, rep=REP_MS, return_mode="median") * 1e3 / len(fns)
 
 
-# ---------------------------------------------------------------- the previous kernels (baseline)
+def check(fn, x, L, fmt) -> float:
+    ref = layers._ref_rows(x, L, fmt, x.shape[0])
+    y = fn(x, L)
+    torch.cuda.synchronize()
+    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-class _V3Act(ctypes.Structure):
-    _fields_ = [("x", ctypes.c_void_p), ("t", ctypes.c_void_p), ("gs", ctypes.c_void_p), ("b", ctypes.c_void_p),
-                ("sa", ctypes.c_void_p), ("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p),
-                ("m", ctypes.c_int64), ("k", ctypes.c_int64), ("x_row_stride", ctypes.c_int64),
-                ("tiles", ctypes.c_int32), ("reserved", ctypes.c_int32)]
-
-
-class _V3Gemm(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_void_p), ("ws", ctypes.c_void_p), ("b", ctypes.c_void_p), ("sa", ctypes.c_void_p),
-                ("ga", ctypes.c_void_p), ("gw", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("out", ctypes.c_void_p),
-                ("part", ctypes.c_void_p), ("counters", ctypes.c_void_p), ("m", ctypes.c_int64), ("n", ctypes.c_int64),
-                ("k", ctypes.c_int64), ("units", ctypes.c_int64), ("stages_per_rb", ctypes.c_int32),
-                ("ctas", ctypes.c_int32), ("out_dtype", ctypes.c_int32), ("reserved", ctypes.c_int32)]
-
-
-class V3:
-    """The decode kernels of commit 33cc6ac (act kernel reading an fp32 transform, then the stream-K GEMM with
-    per-segment split-K announcements), launched as that commit's ``decode.linear`` did: same plan, PDL GEMM."""
-
-    def __init__(self, cubin: Path, device):
-        from wush_compile.cuda import loader
-
-        self.cubin = loader._cubin(Path(cubin))
-        self.counters = torch.zeros(1 << 16, dtype=torch.int32, device=device)
-        self.t32 = {}
-
-    def linear(self, x, L, fmt: Format):
-        m, k = x.shape
-        n = L.w_codes.shape[0]
-        idx = x.device.index or 0
-        tiles = 1 if m <= 8 else 2
-        cfg = decode.DecodeConfig(4, 4 if m <= 8 else 3, False)
-        smem = decode.smem_bytes(fmt, tiles, cfg)
-        name = f"wush_dec_gemm_{fmt.value}_t{tiles}_w4_s{cfg.stages}"
-        gemm = self.cubin.function(name, idx, smem, ctypes.sizeof(_V3Gemm))
-        act = self.cubin.function(f"wush_dec_act_{fmt.value}_{decode._X_NAMES[x.dtype]}", idx, 0,
-                                  ctypes.sizeof(_V3Act))
-        p = decode._plan_cached(m, n, k, fmt, decode._sm_count(idx),
-                                decode._ctas_per_sm(gemm, "v3:" + name, idx, 128, smem), cfg)
-        t = self.t32.get(id(L.transform))
-        if t is None:
-            t = self.t32[id(L.transform)] = L.transform.float().contiguous()
-        _, mx_gs = decode._state(x.device)
-        ga = mx_gs if fmt is Format.MXFP4 else L.a_gs
-        kc = k // decode.CHUNK_K
-        b = torch.empty(tiles * kc * 256, dtype=torch.float16, device=x.device)
-        sa = torch.empty(kc * tiles * 8, dtype=torch.float32, device=x.device) if fmt is Format.MXFP4 else None
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        part = torch.empty(p.part_numel, dtype=torch.float32, device=x.device)
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-        sa_ptr = sa.data_ptr() if sa is not None else None
-        a_args = _V3Act(x=x.data_ptr(), t=t.data_ptr(), gs=ga.data_ptr(), b=b.data_ptr(), sa=sa_ptr, codes=None,
-                        scales=None, m=m, k=k, x_row_stride=x.stride(0), tiles=tiles, reserved=0)
-        decode._launch(act, kc, 128, 0, stream, a_args, False)
-        g_args = _V3Gemm(w=L.w_codes.data_ptr(), ws=L.w_scales.data_ptr(), b=b.data_ptr(), sa=sa_ptr,
-                         ga=ga.data_ptr(), gw=L.w_gs.data_ptr(), bias=None, out=out.data_ptr(), part=part.data_ptr(),
-                         counters=self.counters.data_ptr(), m=m, n=n, k=k, units=p.units,
-                         stages_per_rb=p.stages_per_rb, ctas=p.ctas, out_dtype=decode._OUT_CODES[x.dtype], reserved=0)
-        decode._launch(gemm, p.ctas, 128, smem, stream, g_args, True)
-        return out
-
-
-# ---------------------------------------------------------------- routes
-
-
-def make_routes(names, fmt: Format, m: int, v3: V3 | None) -> dict:
-    out = {}
-    for r in names:
-        if r == "v3":
-            if v3 is not None:
-                out["v3"] = lambda x, L: v3.linear(x, L, fmt)
-            continue
-        pdl = True if r == "fpdl" else None
-        kind = r[0]
-        if kind not in "ft" or (len(r) > 1 and r[1:] not in ("3", "4", "pdl")):
-            raise ValueError(f"unknown route {r!r}; use v3, f, t, f3, f4, t3, t4 or fpdl")
-        stages = int(r[1]) if r[1:] in ("3", "4") else decode.default_config(m).stages
-        cfg = decode.DecodeConfig(4, stages, kind == "f")
-        label = f"{cfg.label}{'_pdl' if pdl else ''}"
-        out[label] = (lambda cfg, pdl: lambda x, L: decode.linear(
-            x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt.value, config=cfg, pdl=pdl))(cfg, pdl)
-    return out
-
-
-def triton_route(fmt: Format):
-    def run(x, L):
-        kernels.CUDA_DECODE = False
-        try:
-            return kernels.linear(x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt.value,
-                                  KernelChoice.TRITON_DECODE)
-        finally:
-            kernels.CUDA_DECODE = True
-
-    return run
-
-
-def ncu_once(args, dev, v3) -> int:
-    """One call of every route (and bf16 / fp8) per format on the first layer and M, inputs built on the CPU so
-    that the profiled process launches few other kernels."""
+def ncu_once(args, configs, dev) -> int:
+    """One call of every CUDA config (and of bf16 / fp8) per format on the first layer and M, the inputs built on
+    the CPU so that the profiled process launches few other kernels."""
     name = args.layers[0]
     n, k = LAYERS[name]
     m = args.m[0]
@@ -160,21 +62,18 @@ def ncu_once(args, dev, v3) -> int:
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(dev)
     decode.prepare(dev)
     for fmt_name in args.fmt:
-        fmt = Format.parse(fmt_name)
-        L = layers.make_layer(n, k, fmt, "cpu", gen)
+        L = layers.make_layer(n, k, Format.parse(fmt_name), "cpu", gen)
         L = layers.Layer(*(t.to(dev) for t in (L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs)))
-        for route, fn in make_routes(args.routes, fmt, m, v3).items():
-            print(f"ncu: {name} {fmt_name} M={m} {route}", flush=True)
-            fn(x, L)
+        for c in configs:
+            print(f"ncu: {name} {fmt_name} M={m} cuda_w{c.warps}s{c.stages}", flush=True)
+            decode.linear(x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt_name, config=c)
             torch.cuda.synchronize()
     print(f"ncu: {name} M={m} bf16 F.linear", flush=True)
     F.linear(x, w)
-    w8 = w.to(torch.float8_e4m3fn)
-    x8 = x.to(torch.float8_e4m3fn)
     one = torch.ones((), device=dev)
     print(f"ncu: {name} M={m} fp8 _scaled_mm", flush=True)
-    torch._scaled_mm(x8, w8.t(), scale_a=one.expand(m, 1).contiguous(), scale_b=one.expand(1, n).contiguous(),
-                     out_dtype=torch.bfloat16)
+    torch._scaled_mm(x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn).t(), scale_a=one.expand(m, 1).contiguous(),
+                     scale_b=one.expand(1, n).contiguous(), out_dtype=torch.bfloat16)
     torch.cuda.synchronize()
     return 0
 
@@ -185,24 +84,22 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", nargs="+", default=list(LAYERS))
     ap.add_argument("--m", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--fmt", nargs="+", default=["mxfp4", "nvfp4"])
-    ap.add_argument("--routes", nargs="+", default=["v3", "f", "t", "f3", "f4", "fpdl"],
-                    help="CUDA variants (see the module doc); a stage-less name takes the default for M")
-    ap.add_argument("--baseline-cubin", type=Path, default=None, help="cubin of the v3 kernels (route v3)")
-    ap.add_argument("--triton", action="store_true", help="also time the Triton decode route")
-    ap.add_argument("--ncu-once", action="store_true", help="one call of each route, no timing (for ncu)")
+    ap.add_argument("--configs", nargs="+", default=["4x4", "4x3"], help="warps x stages of the CUDA GEMM")
+    ap.add_argument("--no-pdl-row", action="store_true", help="skip timing the CUDA route without PDL")
+    ap.add_argument("--no-triton", action="store_true", help="skip timing the Triton decode route")
+    ap.add_argument("--ncu-once", action="store_true", help="one call of each CUDA config, no timing (for ncu)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     dev = torch.device("cuda")
-    v3 = V3(args.baseline_cubin, dev) if args.baseline_cubin else None
     if args.ncu_once:
-        return ncu_once(args, dev, v3)
+        return ncu_once(args, [decode.DecodeConfig(*map(int, c.split("x"))) for c in args.configs], dev)
     env = common.environment()
     env["decode_cubin"] = decode.available(dev)[1]
-    env["baseline_cubin"] = str(args.baseline_cubin)
     print(common.header(env), flush=True)
     copy_gbs = common.copy_bandwidth_gbs(2**30)
     print(f"device copy bandwidth {copy_gbs:.0f} GB/s (read + write)", flush=True)
     gen = torch.Generator(device=dev).manual_seed(0)
+    configs = [decode.DecodeConfig(*map(int, c.split("x"))) for c in args.configs]
     rows = []
     for name in args.layers:
         n, k = LAYERS[name]
@@ -223,17 +120,30 @@ def main(argv=None) -> int:
                 t_fp8 = bench_us([(lambda i=i: torch._scaled_mm(
                     x8[i % 2], w_fp8[i % nb].t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16,
                     use_fast_accum=False)) for i in range(max(nb, 2))])
-                routes = make_routes(args.routes, fmt, m, v3)
-                if args.triton:
-                    routes["triton"] = triton_route(fmt)
+                routes = {}
+                for c in configs:
+                    routes[f"cuda_w{c.warps}s{c.stages}"] = (lambda c: lambda x, L: decode.linear(
+                        x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt.value, config=c))(c)
+                if not args.no_pdl_row:
+                    c0 = configs[0]
+                    routes[f"cuda_w{c0.warps}s{c0.stages}_nopdl"] = lambda x, L: decode.linear(
+                        x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt.value, config=c0, pdl=False)
+
+                def triton_route(x, L):
+                    kernels.CUDA_DECODE = False
+                    try:
+                        return kernels.linear(x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt.value,
+                                              KernelChoice.TRITON_DECODE)
+                    finally:
+                        kernels.CUDA_DECODE = True
+
+                if not args.no_triton:
+                    routes["triton"] = triton_route
                 byts = layers._min_bytes(m, n, k, fmt)
-                ref = layers._ref_rows(xs[0], Ls[0], fmt, m)
                 for route, fn in routes.items():
                     r = dict(layer=name, n=n, k=k, m=m, fmt=fmt_name, route=route, bf16_us=t_bf16, fp8_us=t_fp8)
                     try:
-                        y = fn(xs[0], Ls[0])
-                        torch.cuda.synchronize()
-                        err = float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+                        err = check(fn, xs[0], Ls[0], fmt)
                         r["err"] = err
                         if not (math.isfinite(err) and err < layers.CHECK_RTOL):
                             print(f"FAILED CHECK {name} {fmt_name} M={m} {route}: rel err {err:.3e}", flush=True)
@@ -285,11 +195,20 @@ def table(rows) -> str:
                 g = math.exp(sum(math.log(r["x_bf16"]) for r in sel) / len(sel))
                 g8 = math.exp(sum(math.log(r["x_fp8"]) for r in sel) / len(sel))
                 summ.append(f"{fmt} {route}: geomean x bf16 {g:.2f}, x fp8 {g8:.2f} over {len(sel)} rows")
+        best = {}
+        for r in rows:
+            if r["fmt"] == fmt and r.get("us") and r["route"].startswith("cuda"):
+                key = (r["layer"], r["m"])
+                best[key] = max(best.get(key, 0.0), r["x_bf16"])
+        if best:
+            g = math.exp(sum(map(math.log, best.values())) / len(best))
+            summ.append(f"{fmt} best CUDA config per row: geomean x bf16 {g:.2f} over {len(best)} rows")
     return "\n".join(lines + [""] + summ)
 
 
 def fixed_cost_fit(rows) -> str:
     """Least squares time = fixed + bytes / bandwidth over the layers, per (route, fmt, M), and for bf16."""
+
     def fit(pts):
         if len(pts) < 2:
             return None
@@ -303,18 +222,14 @@ def fixed_cost_fit(rows) -> str:
         return my - slope * mx, (1 / slope / 1e3 if slope > 0 else float("inf"))
 
     out = ["| route | fmt | M | fixed us | incremental GB/s |", "|---|---|---|---|---|"]
-    keys = sorted({(r["route"], r["fmt"], r["m"]) for r in rows if r.get("us")})
-    for route, fmt, m in keys:
+    for route, fmt, m in sorted({(r["route"], r["fmt"], r["m"]) for r in rows if r.get("us")}):
         pts = [(layers._min_bytes(r["m"], r["n"], r["k"], Format.parse(fmt)), r["us"]) for r in rows
                if r.get("us") and (r["route"], r["fmt"], r["m"]) == (route, fmt, m)]
         f = fit(pts)
         if f:
             out.append(f"| {route} | {fmt} | {m} | {f[0]:.1f} | {f[1]:.0f} |")
     for m in sorted({r["m"] for r in rows}):
-        seen = {}
-        for r in rows:
-            if r["m"] == m:
-                seen[r["layer"]] = (layers._min_bytes(m, r["n"], r["k"], None), r["bf16_us"])
+        seen = {r["layer"]: (layers._min_bytes(m, r["n"], r["k"], None), r["bf16_us"]) for r in rows if r["m"] == m}
         f = fit(list(seen.values()))
         if f:
             out.append(f"| bf16 F.linear | - | {m} | {f[0]:.1f} | {f[1]:.0f} |")

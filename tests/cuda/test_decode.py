@@ -146,93 +146,8 @@ def test_stream_k_partition():
                 assert starts[c] <= u < starts[c + 1], (units, ctas, u)
 
 
-# ---------------------------------------------------------------- the fused act work (index logic of decode_sm90.cu)
-
-
-def _mine(b, kc, ctas):
-    """Chunks CTA b produces in the fused kernel: b, b + ctas, ... (``mine`` in decode_gemm)."""
-    return (kc - 1 - b) // ctas + 1 if b < kc else 0
-
-
-def test_fused_act_chunks_cover_every_chunk_once():
-    rounds = 2  # GemmLayout::kActRounds for every compiled config (checked against the layout below)
-    for kc in (8, 40, 128, 448, 896):
-        for ctas in (1, 3, 16, 40, 132, 264, 396):
-            seen = []
-            for b in range(ctas):
-                n = _mine(b, kc, ctas)
-                done, first = 0, True
-                while first or done < n:  # act_chunks' rounds
-                    seen += [b + (done + r) * ctas for r in range(rounds) if done + r < n]
-                    done, first = done + rounds, False
-            assert sorted(seen) == list(range(kc)), (kc, ctas)  # the published total is kc
-
-
-def _t_index(row, col, g):
-    """ActScratch<G>::t_index: float offset of T[row][col] in the act scratch (16-byte segments XOR-swizzled)."""
-    return row * g + ((((col >> 2) ^ (row >> 2)) & (g // 4 - 1)) << 2) + (col & 3)
-
-
-@pytest.mark.parametrize("g", [32, 16])
-def test_act_scratch_swizzle(g):
-    offs = np.array([[_t_index(r, c, g) for c in range(g)] for r in range(32)])
-    assert sorted(offs.ravel().tolist()) == list(range(32 * g)), "a permutation of the T block"
-    assert (offs // g == np.arange(32)[:, None]).all(), "rows stay in place"
-    assert (offs[:, ::4] % 4 == 0).all() and (np.diff(offs.reshape(32, g // 4, 4), axis=2) == 1).all(), "float4s"
-    # the reads of one quarter-warp phase: threads p = 0..7 of a token, row 4p + q, the same 4 columns j..j+3
-    worst = 1
-    for q in range(4):
-        for j in range(0, g, 4):
-            banks = [(_t_index(4 * p + q, j, g) * 4 // 16) % 8 for p in range(8)]  # 16-byte bank group of 8
-            worst = max(worst, max(banks.count(x) for x in set(banks)))
-    assert worst == (1 if g == 32 else 2), worst
-
-
-def test_act_scratch_fits_the_stage_buffer():
-    for fmt in FMTS:
-        g = _g(fmt)
-        scratch = (16 * 32 + 32 * g) * 4  # ActScratch<G>::kBytes
-        for tiles in (1, 2):
-            stage = (decode.smem_bytes(fmt, tiles, decode.DecodeConfig(4, 4))
-                     - decode.smem_bytes(fmt, tiles, decode.DecodeConfig(4, 3)))  # GemmLayout::kStageBytes
-            assert min(stage // scratch, 2) == 2, (fmt, tiles, stage, scratch)
-
-
-def test_decode_config_variants(monkeypatch):
-    assert decode.default_config(1) == decode.DecodeConfig(4, 4, True)
-    assert decode.default_config(16) == decode.DecodeConfig(4, 3, True)
-    monkeypatch.setenv("WUSH_DECODE_VARIANT", "two_launch")
-    assert decode.default_config(3) == decode.DecodeConfig(4, 4, False)
-    assert decode.gemm_kernel_name("nvfp4", 2, decode.default_config(9)) == "wush_dec_gemm_nvfp4_t2_w4_s3"
-    monkeypatch.setenv("WUSH_DECODE_VARIANT", "both")
-    with pytest.raises(ValueError, match="WUSH_DECODE_VARIANT"):
-        decode.default_config(1)
-    assert decode.act_kernel_name("mxfp4") == "wush_dec_act_mxfp4"
-    assert decode.DecodeConfig(4, 3, False).label == "2k_w4s3"
-
-
-def _reduce(part, rb, spr, units, ctas, tiles):
-    """The last arrival's sum (reduce_out in the kernel): CTAs cf..cl in order, loaded 8 / tiles at a time; CTA cf
-    holds the row block in slot 1 when its range started in an earlier row block."""
-    cf, cl = _cta_of(rb * spr, units, ctas), _cta_of((rb + 1) * spr - 1, units, ctas)
-    cf_second = _start(cf, units, ctas) < rb * spr
-    batch = 8 // tiles
-    v = None
-    for c0 in range(cf, cl + 1, batch):
-        loaded = [part[(c0 + j, 1 if (j == 0 and c0 == cf and cf_second) else 0)]
-                  for j in range(batch) if c0 + j <= cl]
-        for p in loaded:
-            v = p.copy() if v is None else v + p
-    # the slot rule is the one the kernel used before (unit_start(c) < rb * spr <=> slot 1), stated per CTA
-    for c in range(cf, cl + 1):
-        assert (c == cf and cf_second) == (_start(c, units, ctas) < rb * spr)
-    return v
-
-
-def _emulate(w_codes, w_scales, b, sa, m, n, k, fmt, w_gs, a_gs, bias, ctas, out_dtype=torch.float32, warps=4,
-             arrival=None):
-    """The GEMM kernel's data flow for every CTA, warp and lane (float64 arithmetic; the MMA's fp32 rounding aside).
-    ``arrival``: the order in which the CTAs announce their partial segments (default: CTA order)."""
+def _emulate(w_codes, w_scales, b, sa, m, n, k, fmt, w_gs, a_gs, bias, ctas, out_dtype=torch.float32, warps=4):
+    """The GEMM kernel's data flow for every CTA, warp and lane (float64 arithmetic; the MMA's fp32 rounding aside)."""
     f = Format.parse(fmt)
     nv = f is Format.NVFP4
     rows = warps * 32
@@ -266,7 +181,6 @@ def _emulate(w_codes, w_scales, b, sa, m, n, k, fmt, w_gs, a_gs, bias, ctas, out
                             y = y + bias.double().numpy()[np.minimum(row, n - 1)]
                         out[tok[ok], row[ok]] = y[ok]
 
-    pending = {cta: [] for cta in range(ctas)}
     for cta in range(ctas):
         u0, u1 = _start(cta, units, ctas), _start(cta + 1, units, ctas)
         acc = np.zeros((warps, 32, 2, tiles, 4))
@@ -329,25 +243,22 @@ def _emulate(w_codes, w_scales, b, sa, m, n, k, fmt, w_gs, a_gs, bias, ctas, out
                                 s = np.stack([sw[2 * f_] * sa2[2 * t4], sw[2 * f_] * sa2[2 * t4 + 1],
                                               sw[2 * f_ + 1] * sa2[2 * t4], sw[2 * f_ + 1] * sa2[2 * t4 + 1]], -1)
                                 acc[w, :, f_, tt] += d * s
-            if (u + 1) % spr == 0 or u + 1 == u1:  # the segment [seg, u + 1) of row block rb ends
+            if (u + 1) % spr == 0 or u + 1 == u1:  # flush the segment [seg, u + 1) of row block rb
                 full = seg == rb * spr and u + 1 == (rb + 1) * spr
                 if full:
                     write_out(rb, acc)
-                else:  # stored now, announced after the CTA's main loop
-                    slot = 0 if seg == u0 else 1
-                    assert (cta, slot) not in part, "one partial per slot"
-                    part[(cta, slot)] = acc.copy()
-                    pending[cta].append(rb)
+                else:
+                    part[(cta, 0 if seg == u0 else 1)] = acc.copy()
+                    cf, cl = _cta_of(rb * spr, units, ctas), _cta_of((rb + 1) * spr - 1, units, ctas)
+                    counters[rb] += 1
+                    if counters[rb] == cl - cf + 1:  # the CTAs run in order here, so the last one is the highest
+                        v = np.zeros_like(acc)
+                        for c in range(cf, cl + 1):
+                            v += part[(c, 1 if _start(c, units, ctas) < rb * spr else 0)]
+                        write_out(rb, v)
+                        counters[rb] = 0
                 acc[:] = 0
                 seg = u + 1
-    # announcements, in any CTA order (the GPU's is arbitrary): the last arrival reduces its row block
-    for cta in (arrival if arrival is not None else range(ctas)):
-        for rb in pending[cta]:
-            cf, cl = _cta_of(rb * spr, units, ctas), _cta_of((rb + 1) * spr - 1, units, ctas)
-            counters[rb] += 1
-            if counters[rb] == cl - cf + 1:
-                write_out(rb, _reduce(part, rb, spr, units, ctas, tiles))
-                counters[rb] = 0
     assert not counters.any(), "every row-block counter is re-armed"
     return torch.from_numpy(out).to(out_dtype)
 
@@ -368,9 +279,6 @@ def test_fragment_emulation_matches_reference(fmt, m, n, k, ctas):
     assert not y.isnan().any(), "every output written"
     err = float((y.double() - ref).norm() / ref.norm())
     assert err < 1e-12, f"fragment emulation rel err {err:.2e}"
-    order = np.random.default_rng(m + n).permutation(ctas).tolist()
-    y2 = _emulate(codes, scales, b, sa, m, n, k, fmt, w_gs, a_gs, bias, ctas, out_dtype=torch.float64, arrival=order)
-    assert torch.equal(y, y2), "the reduction does not depend on the arrival order"
 
 
 def test_fragment_emulation_nan_groups_poison_their_rows_and_tokens():
@@ -400,7 +308,7 @@ def test_plan_geometry_and_occupancy():
             p = decode.plan(m, 6144, 4096, fmt)
             assert p.tiles == (1 if m == 1 else 2) and p.rows == 128 and p.row_blocks == 48 and p.stages_per_rb == 16
             assert p.units == 768 and p.ctas == 132 * 2 and p.smem_bytes <= 113 * 1024, p
-            assert p.gemm_kernel == f"wush_dec_fused_{fmt}_t{p.tiles}_w4_s{4 if m == 1 else 3}"
+            assert p.gemm_kernel == f"wush_dec_gemm_{fmt}_t{p.tiles}_w4_s{4 if m == 1 else 3}"
             assert p.config == decode.default_config(m)
     small = decode.plan(3, 100, 256, "mxfp4")
     assert small.units == 1 and small.ctas == 1
@@ -451,17 +359,11 @@ def exact_inputs(m, k, g, dtype, gen, dev):
     return x.to(dtype).to(dev), t.to(dtype).to(dev)
 
 
-FUSED = [decode.DecodeConfig(4, 4, True), decode.DecodeConfig(4, 3, True)]
-TWO_LAUNCH = [decode.DecodeConfig(4, 4, False), decode.DecodeConfig(4, 3, False)]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("m", [1, 7, 16])
-def test_gpu_act_bit_exact(fmt, dtype, m):
-    """The act kernel (two-launch form) and the fused GEMM's act work: reference codes and scale bytes, and the B
-    operand / MXFP4 block scales of the torch twin, bit for bit (K = 1024 over 12 CTAs: several chunks per CTA)."""
+def test_gpu_act_kernel_bit_exact(fmt, dtype, m):
     _need_hopper()
     gen = torch.Generator().manual_seed(m)
     g = _g(fmt)
@@ -473,62 +375,45 @@ def test_gpu_act_bit_exact(fmt, dtype, m):
         x[2, :g] = float("inf")
         x[3, :g] = x[3, :g] * 2.0**-40
     ags = _act_gs(fmt).cuda()
+    b, sa, c, s = decode.act_operand(x, t, ags, fmt, debug=True)
     cr, sr = reference.transform_quantize_ref(x, t, ags, fmt)
+    assert torch.equal(s, sr), f"{(s != sr).sum()} scale bytes differ"
+    assert torch.equal(c, cr), f"{(c != cr).sum()} code bytes differ"
     br, sar = decode.act_operand_ref(x, t, ags, fmt)
-    codes, scales, w_gs = _weights(300, k, fmt, gen)
-    runs = {"act kernel": decode.act_operand(x, t, ags, fmt, debug=True)}
-    for cfg in FUSED:
-        d = {}
-        decode.linear(x, codes.cuda(), scales.cuda(), t, w_gs.cuda(), ags, None, fmt, config=cfg, debug=d)
-        assert d["plan"].ctas == 12 and d["plan"].chunks == 32
-        runs[cfg.label] = (d["b"], d["sa"], d["codes"], d["scales"])
-    for name, (b, sa, c, s) in runs.items():
-        assert torch.equal(s, sr), f"{name}: {(s != sr).sum()} scale bytes differ"
-        assert torch.equal(c, cr), f"{name}: {(c != cr).sum()} code bytes differ"
-        assert torch.equal(b.isnan(), br.isnan()), name
-        assert torch.equal(b.nan_to_num().view(torch.int16), br.nan_to_num().view(torch.int16)), name
-        if sa is not None:
-            assert torch.equal(sa.isnan(), sar.isnan()) and torch.equal(sa.nan_to_num(), sar.nan_to_num()), name
+    assert torch.equal(b.isnan(), br.isnan()) and torch.equal(b.nan_to_num().view(torch.int16), br.nan_to_num().view(torch.int16))
+    if sa is not None:
+        assert torch.equal(sa.isnan(), sar.isnan()) and torch.equal(sa.nan_to_num(), sar.nan_to_num())
 
 
 LLAMA_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-#: (N, K): a bias and a ragged last row block; 4 act chunks per CTA (two rounds); a single CTA doing all 8 chunks
-OTHER = {"odd": (1000, 1280), "few_rows": (200, 4096), "one_cta": (100, 256)}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", FMTS)
-@pytest.mark.parametrize("shape,m", [(s, m) for s in LLAMA_8B for m in (1, 16)] + [(s, m) for s in OTHER for m in (1, 5, 16)])
+@pytest.mark.parametrize("shape", list(LLAMA_8B) + ["odd"])
+@pytest.mark.parametrize("m", [1, 16, 5])
 def test_gpu_linear_matches_fp64_reference(fmt, shape, m):
-    """Every variant against the fp64 reference; the fused and two-launch forms of one config bit-identical."""
     _need_hopper()
     gen = torch.Generator().manual_seed(1000 * m + len(shape) + (7 if fmt == "nvfp4" else 0))
     g = _g(fmt)
-    n, k = LLAMA_8B.get(shape) or OTHER[shape]
+    n, k = LLAMA_8B.get(shape, (1000, 1280))
     x = (torch.randn(m, k, generator=gen) * 3).to(torch.bfloat16).cuda()
     t = torch.linalg.qr(torch.randn(k // g, g, g, generator=gen))[0].to(torch.bfloat16).cuda()
     codes, scales, w_gs = _weights(n, k, fmt, torch.Generator(device="cuda").manual_seed(n + m))
     a_gs = _act_gs(fmt).cuda()
     bias = torch.randn(n, generator=gen).to(torch.bfloat16).cuda() if shape == "odd" else None
-    ref = _ref64(x, codes, scales, t, w_gs, a_gs, bias, fmt)  # (the fp32 x below holds the same values)
-    stages = decode.default_config(m).stages
     for out_dtype in (torch.bfloat16, torch.float32):
         xx = x.to(out_dtype)
+        y = decode.linear(xx, codes, scales, t, w_gs, a_gs, bias, fmt)
+        assert y.dtype == out_dtype and y.shape == (m, n)
+        ref = _ref64(xx, codes, scales, t, w_gs, a_gs, bias, fmt)
         yr = reference.linear_ref(xx, codes, scales, t, w_gs, a_gs, bias, fmt)
+        err = float((y.double() - ref).norm() / ref.norm())
         err_ref = float((yr.double() - ref).norm() / ref.norm())
-        outs = {}
-        for cfg in FUSED + TWO_LAUNCH:
-            y = decode.linear(xx, codes, scales, t, w_gs, a_gs, bias, fmt, config=cfg)
-            assert y.dtype == out_dtype and y.shape == (m, n)
-            err = float((y.double() - ref).norm() / ref.norm())
-            if out_dtype == torch.float32:
-                assert err < 1e-5, f"{cfg.label}: rel err {err:.3e} (reference twin {err_ref:.3e})"
-            else:
-                assert err < 2 * err_ref + 1e-4, f"{cfg.label}: rel err {err:.3e} (reference twin {err_ref:.3e})"
-            outs[cfg] = y
-        for s_ in (3, 4):
-            assert torch.equal(outs[decode.DecodeConfig(4, s_, True)], outs[decode.DecodeConfig(4, s_, False)]), s_
-        assert stages in (3, 4)
+        if out_dtype == torch.float32:
+            assert err < 1e-5, f"rel err {err:.3e} (reference twin {err_ref:.3e})"
+        else:
+            assert err < 2 * err_ref + 1e-4, f"rel err {err:.3e} (reference twin {err_ref:.3e})"
 
 
 @pytest.mark.gpu
@@ -544,45 +429,40 @@ def test_gpu_nan_groups_and_determinism(fmt):
     codes, scales, w_gs = _weights(n, k, fmt, gen)
     scales[300, 9] = 0xFF if fmt == "mxfp4" else 0x7F
     codes, scales, w_gs = codes.cuda(), scales.cuda(), w_gs.cuda()
+    y1 = decode.linear(x, codes, scales, t, w_gs, _act_gs(fmt).cuda(), None, fmt)
+    y2 = decode.linear(x, codes, scales, t, w_gs, _act_gs(fmt).cuda(), None, fmt)
     nan = torch.zeros(m, n, dtype=torch.bool, device="cuda")
     nan[2] = True
     nan[:, 300] = True
-    for cfg in FUSED + TWO_LAUNCH:
-        y1 = decode.linear(x, codes, scales, t, w_gs, _act_gs(fmt).cuda(), None, fmt, config=cfg)
-        y2 = decode.linear(x, codes, scales, t, w_gs, _act_gs(fmt).cuda(), None, fmt, config=cfg)
-        assert torch.equal(y1.isnan(), nan), cfg.label
-        assert torch.equal(y1.nan_to_num(), y2.nan_to_num()), f"{cfg.label}: split-K reduction must be deterministic"
-        assert not decode._COUNTERS[str(x.device)].any(), f"{cfg.label}: counters re-armed"
+    assert torch.equal(y1.isnan(), nan)
+    assert torch.equal(y1.nan_to_num(), y2.nan_to_num()), "split-K reduction must be deterministic"
+    assert not decode._COUNTERS[str(x.device)].any(), "counters re-armed"
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused,pdl", [(True, None), (False, None), (False, False), (True, True)])
-def test_gpu_cuda_graph_capture_and_replay(fused, pdl):
+@pytest.mark.parametrize("pdl", [True, False])
+def test_gpu_cuda_graph_capture_and_replay(pdl):
     _need_hopper()
     gen = torch.Generator().manual_seed(12)
     fmt, g = "nvfp4", 16
     m, n, k = 16, 6144, 4096
-    cfg = decode.DecodeConfig(4, decode.default_config(m).stages, fused)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
     t = torch.linalg.qr(torch.randn(k // g, g, g, generator=gen))[0].to(torch.bfloat16).cuda()
     codes, scales, w_gs = _weights(n, k, fmt, gen)
     codes, scales, w_gs, a_gs = codes.cuda(), scales.cuda(), w_gs.cuda(), _act_gs(fmt).cuda()
-    want = decode.linear(x, codes, scales, t, w_gs, a_gs, None, fmt, config=cfg, pdl=pdl)  # warm-up (loads)
+    want = decode.linear(x, codes, scales, t, w_gs, a_gs, None, fmt, pdl=pdl)  # warm-up (loads the kernels)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(s), torch.cuda.graph(graph, stream=s):
-        y = decode.linear(x, codes, scales, t, w_gs, a_gs, None, fmt, config=cfg, pdl=pdl)
-        y = decode.linear(y[:, :k].contiguous(), codes, scales, t, w_gs, a_gs, None, fmt, config=cfg, pdl=pdl)
+        y = decode.linear(x, codes, scales, t, w_gs, a_gs, None, fmt, pdl=pdl)
     torch.cuda.current_stream().wait_stream(s)
     for _ in range(3):
         x.copy_(torch.randn(m, k, generator=gen).to(torch.bfloat16))
         graph.replay()
         torch.cuda.synchronize()
-        want = decode.linear(x, codes, scales, t, w_gs, a_gs, None, fmt, config=cfg, pdl=pdl)
-        want = decode.linear(want[:, :k].contiguous(), codes, scales, t, w_gs, a_gs, None, fmt, config=cfg, pdl=pdl)
+        want = decode.linear(x, codes, scales, t, w_gs, a_gs, None, fmt, pdl=pdl)
         assert torch.equal(y, want)
-    assert not decode._COUNTERS[str(x.device)].any(), "counters re-armed"
 
 
 @pytest.mark.gpu

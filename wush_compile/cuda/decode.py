@@ -1,25 +1,17 @@
-"""Decode path (M <= 16 tokens) of the calibrated FP4 linear on Hopper (sm_90a): CUDA kernels from one cubin
+"""Decode path (M <= 16 tokens) of the calibrated FP4 linear on Hopper (sm_90a): two CUDA kernels from one cubin
 (``kernels/decode_sm90.cu``), launched through cuda-python on the current torch stream.
 
-Two forms of the same computation (``DecodeConfig.fused`` picks one):
-
-- fused (default): one launch, ``wush_dec_fused_*``. The GEMM's own CTAs first transform + quantize the tokens'
-  32-column chunks (CTA i: chunks i, i + ctas, ...) into the fp16 B operand in MMA fragment order, publish them with
-  a release/acquire counter and wait until all chunks are there (the grid is persistent: at most as many CTAs as
-  can be resident), then stream the weights. One launch and no grid-completion wait on the critical path.
-- two launches: ``wush_dec_act_*`` (the same act work, one CTA per chunk) then ``wush_dec_gemm_*``, launched as a
-  programmatic dependent (PDL) that streams weights while the act kernel runs.
-
-The act work is bit-identical to :func:`wush_compile.ops.reference.transform_quantize_ref` wherever the fp32
-transform is exact (:func:`act_operand_ref` is its torch twin). The GEMM is a swap-AB stream-K ``mma.sync.m16n8k16``
-kernel (weights as A, FP4 unpacked to fp16 in registers, exact per-group MXFP4 promotion / NVFP4 scales folded into
-fp16), with a deterministic last-arrival split-K reduction, global scales, bias, x's dtype.
+1. ``wush_dec_act_*``: transform + quantize of the tokens (bit-identical codes and scales to
+   :func:`wush_compile.ops.reference.transform_quantize_ref` wherever the fp32 transform is exact), written as the
+   fp16 B operand of the GEMM in MMA fragment order (:func:`act_operand_ref` is its torch twin).
+2. ``wush_dec_gemm_*``: swap-AB stream-K GEMM with ``mma.sync.m16n8k16`` (weights as A, FP4 unpacked to fp16 in
+   registers, exact per-group MXFP4 promotion / NVFP4 scales folded into fp16), global scales, bias, x's dtype.
+   The GEMM is launched with programmatic dependent launch (PDL): it streams weights while (1) still runs.
 
 :func:`linear` has the signature of :func:`wush_compile.ops.reference.linear_ref`; the Triton launcher
 (``wush_compile.ops.kernels.linear(..., kernel=TRITON_DECODE)``) routes small M here when :func:`available` says
-so. Nothing here synchronizes the host; after one warm-up call per shape the launches can be captured in a CUDA
-graph. ``WUSH_DISABLE_CUDA_DECODE=1`` turns the path off (with that reason); ``WUSH_DECODE_VARIANT`` picks the
-default variant (``fused`` or ``two_launch``, for measurements).
+so. Nothing here synchronizes the host; after one warm-up call per shape both launches can be captured in a CUDA
+graph. ``WUSH_DISABLE_CUDA_DECODE=1`` turns the path off (with that reason).
 
 Layout (shared with the CUDA source; the CPU tests emulate the fragment mapping with it): a 32-column chunk of a
 token row is one 16-byte record per lane (lane = 4 * (token % 8) + t4) holding columns 8 * t4 + SLOT_K[h] in
@@ -50,9 +42,6 @@ __all__ = [
     "MAX_M",
     "DecodeConfig",
     "DecodePlan",
-    "default_config",
-    "gemm_kernel_name",
-    "act_kernel_name",
     "plan",
     "supports",
     "available",
@@ -85,44 +74,30 @@ _MAX_COUNTERS = 1 << 16
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    """GEMM variant: warps per CTA (32 weight rows each), cp.async pipeline depth (stages of 256 columns), and
-    whether the act work runs inside the GEMM (one launch) or in its own kernel before it (two launches)."""
+    """GEMM variant: warps per CTA (32 weight rows each) and cp.async pipeline depth (stages of 256 columns)."""
 
     warps: int = 4
     stages: int = 4
-    fused: bool = True
 
     def __post_init__(self):
         if (self.warps, self.stages) not in COMPILED_CONFIGS:
             raise ValueError(
                 f"decode config warps={self.warps}, stages={self.stages} is not compiled; choose one of "
-                f"{sorted(COMPILED_CONFIGS)} (kernels/decode_sm90.cu WUSH_DEC_GEMM_ALL)"
+                f"{sorted(COMPILED_CONFIGS)} (kernels/decode_sm90.cu WUSH_DEC_GEMM_FMTS)"
             )
 
-    @property
-    def label(self) -> str:
-        return f"{'fused' if self.fused else '2k'}_w{self.warps}s{self.stages}"
 
-
-#: (warps, stages) instantiated in decode_sm90.cu (each fused and two-launch).
+#: (warps, stages) instantiated in decode_sm90.cu.
 COMPILED_CONFIGS = frozenset({(4, 4), (4, 3)})
 DEFAULT_CONFIG = DecodeConfig()
-#: Measured on an H100 (benchmarks/RESULTS.md, 2026-11-23, two-launch form): 4 stages win at one token tile
-#: (M <= 8), 3 stages at two (same 2 CTAs per SM, 24 KB less shared memory each; 2-11% faster).
-_STAGES_BY_TILES = {1: 4, 2: 3}
-_VARIANTS = {"fused": True, "two_launch": False}
-
-
-def _default_fused() -> bool:
-    v = os.environ.get("WUSH_DECODE_VARIANT", "fused")
-    if v not in _VARIANTS:
-        raise ValueError(f"WUSH_DECODE_VARIANT={v!r}; choose one of {sorted(_VARIANTS)}")
-    return _VARIANTS[v]
+#: Measured on an H100 (benchmarks/RESULTS.md, 2026-11-23): 4 stages win at one token tile (M <= 8), 3 stages
+#: at two (same 2 CTAs per SM, 24 KB less shared memory each; 2-11% faster on the four Llama-3.1-8B shapes).
+_DEFAULT_BY_TILES = {1: DecodeConfig(4, 4), 2: DecodeConfig(4, 3)}
 
 
 def default_config(m: int) -> DecodeConfig:
     """The GEMM variant :func:`linear` runs for M tokens."""
-    return DecodeConfig(4, _STAGES_BY_TILES[1 if m <= 8 else 2], _default_fused())
+    return _DEFAULT_BY_TILES[1 if m <= 8 else 2]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,13 +131,7 @@ class DecodePlan:
 
 
 def gemm_kernel_name(fmt: Format | str, tiles: int, config: DecodeConfig = DEFAULT_CONFIG) -> str:
-    kind = "fused" if config.fused else "gemm"
-    return f"wush_dec_{kind}_{Format.parse(fmt).value}_t{tiles}_w{config.warps}_s{config.stages}"
-
-
-def act_kernel_name(fmt: Format | str) -> str:
-    """The act kernel of the two-launch form (any x / transform dtype)."""
-    return f"wush_dec_act_{Format.parse(fmt).value}"
+    return f"wush_dec_gemm_{Format.parse(fmt).value}_t{tiles}_w{config.warps}_s{config.stages}"
 
 
 def smem_bytes(fmt: Format | str, tiles: int, config: DecodeConfig = DEFAULT_CONFIG) -> int:
@@ -257,44 +226,44 @@ def act_operand_ref(x: torch.Tensor, transform: torch.Tensor, act_global_scale: 
 # ---------------------------------------------------------------- device side
 
 
-class _DecArgs(ctypes.Structure):
-    """Mirror of ``WushDecArgs`` in decode_sm90.cu (one argument block for every kernel there)."""
-
+class _DecActArgs(ctypes.Structure):
     _fields_ = [
         ("x", ctypes.c_void_p),
         ("t", ctypes.c_void_p),
-        ("ga", ctypes.c_void_p),
+        ("gs", ctypes.c_void_p),
         ("b", ctypes.c_void_p),
         ("sa", ctypes.c_void_p),
         ("codes", ctypes.c_void_p),
         ("scales", ctypes.c_void_p),
+        ("m", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("x_row_stride", ctypes.c_int64),
+        ("tiles", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+    ]
+
+
+class _DecGemmArgs(ctypes.Structure):
+    _fields_ = [
         ("w", ctypes.c_void_p),
         ("ws", ctypes.c_void_p),
+        ("b", ctypes.c_void_p),
+        ("sa", ctypes.c_void_p),
+        ("ga", ctypes.c_void_p),
         ("gw", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
         ("out", ctypes.c_void_p),
         ("part", ctypes.c_void_p),
         ("counters", ctypes.c_void_p),
-        ("sync", ctypes.c_void_p),
         ("m", ctypes.c_int64),
         ("n", ctypes.c_int64),
         ("k", ctypes.c_int64),
-        ("x_row_stride", ctypes.c_int64),
         ("units", ctypes.c_int64),
         ("stages_per_rb", ctypes.c_int32),
         ("ctas", ctypes.c_int32),
-        ("tiles", ctypes.c_int32),
         ("out_dtype", ctypes.c_int32),
-        ("x_dtype", ctypes.c_int32),
-        ("t_dtype", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
     ]
-
-
-#: dtype codes of x and the transform in ``WushDecArgs``.
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-#: Ints of the per-device counter buffer past the row-block counters: the fused kernel's two sync words, one
-#: 128-byte line apart.
-_SYNC_INTS = 64
 
 
 def _target():
@@ -359,7 +328,7 @@ def prepare(device) -> None:
     key = str(d)
     with _STATE_LOCK:
         if key not in _COUNTERS:
-            _COUNTERS[key] = torch.zeros(_MAX_COUNTERS + _SYNC_INTS, dtype=torch.int32, device=d)
+            _COUNTERS[key] = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=d)
             _MX_GS[key] = torch.full((1,), formats.MXFP4_GLOBAL_SCALE, dtype=torch.float32, device=d)
 
 
@@ -441,11 +410,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-def _transform_operand(t: torch.Tensor) -> torch.Tensor:
-    """The transform as the kernels read it: its own dtype when that is fp32 / bf16 / fp16 (converted in-kernel,
-    exactly), else a cached fp32 copy."""
-    if t.dtype in _DTYPE_CODES:
-        return _aligned(t)
+def _fp32_transform(t: torch.Tensor) -> torch.Tensor:
     from .ops import _fp32_transform as cache
 
     return cache(t)
@@ -455,29 +420,9 @@ def _index(t: torch.Tensor) -> int:
     return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
-def _act_fields(x, t, ga, b, sa, codes, scales, tiles: int) -> dict:
-    m, k = x.shape
-    return dict(x=x.data_ptr(), t=t.data_ptr(), ga=ga.data_ptr(), b=b.data_ptr(),
-                sa=sa.data_ptr() if sa is not None else None,
-                codes=codes.data_ptr() if codes is not None else None,
-                scales=scales.data_ptr() if scales is not None else None,
-                m=m, k=k, x_row_stride=x.stride(0), tiles=tiles,
-                x_dtype=_DTYPE_CODES[x.dtype], t_dtype=_DTYPE_CODES[t.dtype])
-
-
-def _act_buffers(m: int, k: int, f: Format, tiles: int, device, debug: bool):
-    kc = k // CHUNK_K
-    b = torch.empty(tiles * kc * 256, dtype=torch.float16, device=device)  # (tiles, K/32, 32, 8)
-    sa = torch.empty(kc * tiles * 8, dtype=torch.float32, device=device) if f is Format.MXFP4 else None  # (K/32, tiles, 8)
-    codes = torch.empty((m, k // 2), dtype=torch.uint8, device=device) if debug else None
-    scales = torch.empty((m, k // f.group_size), dtype=torch.uint8, device=device) if debug else None
-    return b, sa, codes, scales
-
-
 def act_operand(x: torch.Tensor, transform: torch.Tensor, act_global_scale: torch.Tensor, fmt: str,
                 tiles: Optional[int] = None, debug: bool = False):
-    """Launch the act kernel of the two-launch form: (B fragments, MXFP4 block scales or None, codes (M, K/2) or
-    None, scales or None).
+    """Launch the act kernel: (B fragments, MXFP4 block scales or None, codes (M, K/2) or None, scales or None).
 
     ``debug`` also writes the reference-layout codes and scale bytes (for the bit-exact tests)."""
     f = Format.parse(fmt)
@@ -487,19 +432,29 @@ def act_operand(x: torch.Tensor, transform: torch.Tensor, act_global_scale: torc
         raise ValueError(f"CUDA decode: {why}")
     tiles = tiles or (1 if m <= 8 else 2)
     x = _aligned(x)
-    t = _transform_operand(transform)
-    b, sa, codes, scales = _act_buffers(m, k, f, tiles, x.device, debug)
+    t = _fp32_transform(transform)
+    kc = k // CHUNK_K
+    b = torch.empty(tiles * kc * 256, dtype=torch.float16, device=x.device)
+    sa = torch.empty(kc * tiles * 8, dtype=torch.float32, device=x.device) if f is Format.MXFP4 else None
+    codes = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device) if debug else None
+    scales = torch.empty((m, k // f.group_size), dtype=torch.uint8, device=x.device) if debug else None
     _, mx_gs = _state(x.device)
-    ga = mx_gs if f is Format.MXFP4 else act_global_scale
-    args = _DecArgs(**_act_fields(x, t, ga, b, sa, codes, scales, tiles))
-    _launch_act(args, f, x, pdl=False)
+    gs = mx_gs if f is Format.MXFP4 else act_global_scale
+    _launch_act(x, t, gs, b, sa, codes, scales, f, tiles)
     return b, sa, codes, scales
 
 
-def _launch_act(args: _DecArgs, f: Format, x: torch.Tensor, pdl: bool) -> None:
-    name = act_kernel_name(f)
-    fn = _function(name, _index(x), 0, _DecArgs)
-    _launch(fn, args.k // CHUNK_K, 128, 0, torch.cuda.current_stream(x.device).cuda_stream, args, pdl)
+def _launch_act(x, t, gs, b, sa, codes, scales, f: Format, tiles: int) -> None:
+    m, k = x.shape
+    name = f"wush_dec_act_{f.value}_{_X_NAMES[x.dtype]}"
+    idx = _index(x)
+    fn = _function(name, idx, 0, _DecActArgs)
+    args = _DecActArgs(
+        x=x.data_ptr(), t=t.data_ptr(), gs=gs.data_ptr(), b=b.data_ptr(), sa=sa.data_ptr() if sa is not None else None,
+        codes=codes.data_ptr() if codes is not None else None, scales=scales.data_ptr() if scales is not None else None,
+        m=m, k=k, x_row_stride=x.stride(0), tiles=tiles, reserved=0,
+    )
+    _launch(fn, k // CHUNK_K, 128, 0, torch.cuda.current_stream(x.device).cuda_stream, args, False)
 
 
 def linear(
@@ -513,16 +468,12 @@ def linear(
     fmt: str,
     *,
     config: Optional[DecodeConfig] = None,
-    pdl: Optional[bool] = None,
-    debug: Optional[dict] = None,
+    pdl: bool = True,
 ) -> torch.Tensor:
     """The calibrated linear on x (M, K), M <= 16, on the decode kernels: (M, N) in x's dtype.
 
-    ``config`` picks the variant (default: :func:`default_config`). ``pdl``: launch the GEMM as a programmatic
-    dependent of the kernel before it (default: in the two-launch form, where that kernel is the act kernel; the
-    fused kernel follows whatever ran before, so it is launched plainly unless ``pdl=True``, which requires every
-    input but x to be ready before that kernel runs: the weights and the transform are read before the wait). ``debug``: a dict that receives the act buffers of the call (``b``, ``sa``, and the
-    reference-layout ``codes`` / ``scales``, which are then written too) for the bit-exact tests.
+    ``config`` picks the GEMM variant (default: :func:`default_config`); ``pdl=False`` launches the GEMM without
+    programmatic dependent launch (measured 3-15% slower).
 
     Same semantics as :func:`wush_compile.ops.reference.linear_ref` (MXFP4 uses the format's 1/3 activation
     global scale, like the Triton routes). Raises ValueError for shapes :func:`supports` rejects."""
@@ -546,35 +497,30 @@ def linear(
     config = config or default_config(m)
     name = gemm_kernel_name(f, tiles, config)
     smem = smem_bytes(f, tiles, config)
-    gemm_fn = _function(name, idx, smem, _DecArgs)
+    gemm_fn = _function(name, idx, smem, _DecGemmArgs)
     p = _plan_cached(m, n, k, f, _sm_count(idx), _ctas_per_sm(gemm_fn, name, idx, config.warps * 32, smem), config)
 
     x = _aligned(x)
     w_codes = _aligned(w_codes)
     w_scales = _aligned(w_scales)
-    t = _transform_operand(transform)
+    t = _fp32_transform(transform)
     bias32 = _bias32(bias) if bias is not None else None
     ga = mx_gs if f is Format.MXFP4 else a_global_scale
-    b, sa, codes, scales = _act_buffers(m, k, f, p.tiles, dev, debug is not None)
+    kc = k // CHUNK_K
+    b = torch.empty(p.tiles * kc * 256, dtype=torch.float16, device=dev)
+    sa = torch.empty(kc * p.tiles * 8, dtype=torch.float32, device=dev) if f is Format.MXFP4 else None
     out = torch.empty((m, n), dtype=x.dtype, device=dev)
     part = torch.empty(p.part_numel, dtype=torch.float32, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream
-    args = _DecArgs(
-        **_act_fields(x, t, ga, b, sa, codes, scales, p.tiles),
-        w=w_codes.data_ptr(), ws=w_scales.data_ptr(), gw=w_global_scale.data_ptr(),
-        bias=bias32.data_ptr() if bias32 is not None else None, out=out.data_ptr(), part=part.data_ptr(),
-        counters=counters.data_ptr(), sync=counters[_MAX_COUNTERS:].data_ptr(), n=n, units=p.units,
-        stages_per_rb=p.stages_per_rb, ctas=p.ctas, out_dtype=_OUT_CODES[x.dtype],
+
+    _launch_act(x, t, ga, b, sa, None, None, f, p.tiles)
+    args = _DecGemmArgs(
+        w=w_codes.data_ptr(), ws=w_scales.data_ptr(), b=b.data_ptr(), sa=sa.data_ptr() if sa is not None else None,
+        ga=ga.data_ptr(), gw=w_global_scale.data_ptr(), bias=bias32.data_ptr() if bias32 is not None else None,
+        out=out.data_ptr(), part=part.data_ptr(), counters=counters.data_ptr(), m=m, n=n, k=k, units=p.units,
+        stages_per_rb=p.stages_per_rb, ctas=p.ctas, out_dtype=_OUT_CODES[x.dtype], reserved=0,
     )
-    if not config.fused:
-        _launch_act(args, f, x, pdl=False)
-    if pdl is None:
-        pdl = not config.fused
-    elif pdl and config.fused and t.data_ptr() != transform.data_ptr():
-        pdl = False  # the kernel before it made the transform operand: read only after that kernel completes
     _launch(gemm_fn, p.ctas, config.warps * 32, p.smem_bytes, stream, args, pdl)
-    if debug is not None:
-        debug.update(b=b, sa=sa, codes=codes, scales=scales, plan=p)
     return out
 
 

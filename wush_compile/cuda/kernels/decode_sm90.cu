@@ -1,38 +1,29 @@
-// Decode (M <= 16 tokens) calibrated FP4 linear for Hopper (sm_90a), one cubin, two forms of the same computation:
+// Decode (M <= 16 tokens) calibrated FP4 linear for Hopper (sm_90a): two kernels, one CUDA graph node each.
 //
-//   fused (one launch, the default):  wush_dec_fused_<fmt>_t<tiles>_w<warps>_s<stages>
-//   two launches:                     wush_dec_act_<fmt>, then wush_dec_gemm_<fmt>_t<tiles>_w<warps>_s<stages>
-//
-// Activation operand ("act"): blockwise transform (fp32 FMA) + quantize of the few tokens (the fp32 operation order
-// of wush_compile/formats.py, as in transform_quantize.cu), written as the fp16 B operand of the GEMM's tensor-core
-// MMA, already in fragment order (one 16-byte record per lane, token tile and 32-column chunk):
-//   MXFP4: B = code * 64 (exact), block scales 2^E as fp32 beside it (NaN for a non-finite group);
-//   NVFP4: B = code * s (e4m3 scale, exact in fp16: |B| <= 6 * 448), no separate scale.
-// Optionally also the reference-layout codes (M, K/2) and scale bytes (M, K/G) (tests compare them bit for bit).
-// x and the transform are read in their own dtypes (fp32 / bf16 / fp16; converting to fp32 is exact).
-//   - two launches: one CTA per 32-column chunk; it triggers the dependent GEMM launch at once (programmatic
-//     dependent launch), so the GEMM streams weights while the tokens are quantized.
-//   - fused: the GEMM's own CTAs produce the chunks (CTA i: chunks i, i + ctas, ...) before their main loop, publish
-//     them with a release/acquire counter, and wait for all of them (the grid is persistent: ctas <= resident CTAs).
-//     The transform loads are issued before the weight prologue, x after `griddepcontrol.wait` (x is the previous
-//     kernel's output); no second launch, no grid-completion wait on the critical path.
-// GEMM: swap-AB, mma.sync m16n8k16 f16 -> f32 with the weights as A (16 output rows per fragment) and 8 tokens per B
-// tile. Weights stream through a cp.async pipeline of 256-column stages into XOR-swizzled shared memory, ldmatrix.x4
-// hands each thread 4 bytes (8 nibbles) of 4 rows per 32-column chunk, and the nibbles become e4m3 bytes with
-// shifts/masks and then fp16 (code * 2^-6) with cvt.rn.f16x2.e4m3x2 (two values per instruction). The 16 K slots of
-// an MMA are a fixed permutation of the chunk's columns (SLOT_K below); the activation operand uses the same
-// permutation, so the weights are read in their stored layout.
-//   MXFP4: a chunk is one scale group. Per group the two k16 MMAs start from zero; the exact group sum (products of
-//          e2m1 values, a multiple of 1/4) is promoted into the fp32 accumulator times sw * sa, both exact powers of
-//          two (SPEC: fp32 accumulation of code * 2^E products).
-//   NVFP4: the e4m3 weight scale is folded into the fp16 operand (code * s * 2^-6 is exact in fp16), so the MMA
-//          accumulates in fp32 directly; the epilogue multiplies by 64.
-// Work split: stream-K over (row block of 32 * warps rows) x (256-column stages) units, a contiguous range per CTA.
-// A row block touched by several CTAs is reduced by the last one to arrive: partial segments are stored as they end
-// and announced together after the main loop (one fence + counter round trip per CTA), the last arrival loads all
-// partials at once and sums them in CTA order (deterministic) and re-arms the row block's counter. Global scales,
-// bias and the cast to x's dtype in the epilogue. No host synchronization, no data-dependent allocation: CUDA-graph
-// safe; all counters are zero between launches.
+// 1. wush_dec_act_<fmt>_<x dtype>: blockwise transform (fp32 FMA) + quantize of the few tokens (the fp32 operation
+//    order of wush_compile/formats.py, as in transform_quantize.cu), written as the fp16 B operand of the GEMM's
+//    tensor-core MMA, already in fragment order (one 16-byte record per lane, token tile and 32-column chunk):
+//      MXFP4: B = code * 64 (exact), block scales 2^E as fp32 beside it (NaN for a non-finite group);
+//      NVFP4: B = code * s (e4m3 scale, exact in fp16: |B| <= 6 * 448), no separate scale.
+//    Optionally also the reference-layout codes (M, K/2) and scale bytes (M, K/G) (tests compare them bit for bit).
+//    It triggers the dependent launch at once (programmatic dependent launch), so the GEMM can start streaming
+//    weights while the tokens are quantized.
+// 2. wush_dec_gemm_<fmt>_t<tiles>_w<warps>_s<stages>: swap-AB GEMM, mma.sync m16n8k16 f16 -> f32 with the weights
+//    as A (16 output rows per fragment) and 8 tokens per B tile. Weights stream through a cp.async pipeline of
+//    256-column stages into XOR-swizzled shared memory, ldmatrix.x4 hands each thread 4 bytes (8 nibbles) of
+//    4 rows per 32-column chunk, and the nibbles become e4m3 bytes with shifts/masks and then fp16 (code * 2^-6)
+//    with cvt.rn.f16x2.e4m3x2 (two values per instruction). The 16 K slots of an MMA are a fixed permutation of
+//    the chunk's columns (SLOT_K below); the activation operand uses the same permutation, so the weights are
+//    read in their stored layout.
+//      MXFP4: a chunk is one scale group. Per group the two k16 MMAs start from zero; the exact group sum (products
+//             of e2m1 values, a multiple of 1/4) is promoted into the fp32 accumulator times sw * sa, both exact
+//             powers of two (SPEC: fp32 accumulation of code * 2^E products).
+//      NVFP4: the e4m3 weight scale is folded into the fp16 operand (code * s * 2^-6 is exact in fp16), so the MMA
+//             accumulates in fp32 directly; the epilogue multiplies by 64.
+//    Work split: stream-K over (row block of 32 * warps rows) x (256-column stages) units, a contiguous range per
+//    CTA; a row block touched by several CTAs is reduced by the last one to arrive (partials in a scratch buffer,
+//    summed in CTA order: deterministic), which also re-arms the row block's counter. Global scales, bias and the
+//    cast to x's dtype in the epilogue. No host synchronization, no data-dependent allocation: CUDA-graph safe.
 //
 // Shapes: K % 256 == 0, M <= 16; any N (rows past N are zero-filled on load and not stored).
 #include <cstdint>
@@ -41,32 +32,37 @@
 #include <cuda_fp8.h>
 
 extern "C" {
-// One argument block for every kernel of this file (wush_compile/cuda/decode.py _DecArgs mirrors it).
-struct WushDecArgs {
+struct WushDecActArgs {
   const void* x;          // (M, K) activations, rows x_row_stride elements apart, 16-byte aligned rows
-  const void* t;          // (K/G, G, G) transform
-  const float* ga;        // activation global scale (fp32 device scalar): NVFP4 quantizer and the epilogue
+  const float* t;         // (K/G, G, G) fp32 transform
+  const float* gs;        // NVFP4 activation global scale (fp32 device scalar); unused for MXFP4
   __half* b;              // (tiles, K/32, 32 lanes, 8) fp16 B fragments
   float* sa;              // MXFP4: (K/32, tiles, 8) fp32 block scales; null for NVFP4
   uint8_t* codes;         // optional (M, K/2) packed e2m1 codes (reference layout), or null
   uint8_t* scales;        // optional (M, K/G) scale bytes, or null
+  int64_t m, k;
+  int64_t x_row_stride;   // elements
+  int32_t tiles;          // token tiles of 8 (1 or 2)
+  int32_t reserved;
+};
+
+struct WushDecGemmArgs {
   const uint8_t* w;       // (N, K/2) packed e2m1 weight codes
   const uint8_t* ws;      // (N, K/G) weight scale bytes
+  const __half* b;        // B fragments from the act kernel
+  const float* sa;        // MXFP4 activation block scales (null for NVFP4)
+  const float* ga;        // activation global scale (fp32 device scalar)
   const float* gw;        // weight global scale (fp32 device scalar)
   const float* bias;      // (N,) fp32 or null
   void* out;              // (M, N) in out_dtype
   float* part;            // (ctas, 2, rows * 8 * tiles) fp32 split-K partials (no initialization needed)
-  int32_t* counters;      // (row blocks,) split-K arrivals, zero between launches (the reducer re-arms them)
-  int32_t* sync;          // fused: [0] chunks published, [32] CTAs past the wait; zero between launches
+  int32_t* counters;      // (row blocks,) int32, zero between launches (the reducer re-arms them)
   int64_t m, n, k;
-  int64_t x_row_stride;   // elements
   int64_t units;          // row blocks * stages per row block
   int32_t stages_per_rb;  // K / 256
-  int32_t ctas;           // GEMM grid size (<= units)
-  int32_t tiles;          // token tiles of 8 (1 or 2)
+  int32_t ctas;           // grid size (<= units)
   int32_t out_dtype;      // 0 bf16, 1 fp16, 2 fp32
-  int32_t x_dtype;        // 0 fp32, 1 bf16, 2 fp16
-  int32_t t_dtype;        // 0 fp32, 1 bf16, 2 fp16
+  int32_t reserved;
 };
 }
 
@@ -74,33 +70,17 @@ namespace {
 
 constexpr int kChunkK = 32;      // columns per chunk: one MXFP4 group, two NVFP4 groups, 16 bytes of a weight row
 constexpr int kStageChunks = 8;  // chunks per pipeline stage (256 columns)
-constexpr int kActThreads = 128; // act work: thread (token = tid / 8, p = tid % 8) owns columns 4p .. 4p+3 of a chunk
-constexpr int kMaxTokens = 16;
 // B record of a lane: half h holds the activation at column 8 * t4 + SLOT_K[h] of the chunk (t4 = lane % 4).
 // It mirrors the weight side: e4m3 bytes of the low nibbles (columns 0, 2, 4, 6 of the thread's 8) and of the
 // high nibbles (1, 3, 5, 7) convert to half2 pairs (0,2) (4,6) (1,3) (5,7); MMA k16 #0 takes (0,2) and (1,3) as
 // its k slots {2t4, 2t4+1} and {2t4+8, 2t4+9}, k16 #1 takes (4,6) and (5,7). So SLOT_K = {0, 2, 1, 3, 4, 6, 5, 7}
 // (wush_compile/cuda/decode.py holds the same table and the CPU emulation that checks it).
 
-// ------------------------------------------------------------------ memory-model helpers
-
-__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
-
-__device__ __forceinline__ int ld_acquire_gpu(const int32_t* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ uint64_t global_timer_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-__device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-
 // ------------------------------------------------------------------ quantizer (formats.py operation order)
+
+__device__ __forceinline__ float load_as_float(const float* p) { return *p; }
+__device__ __forceinline__ float load_as_float(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ float load_as_float(const __half* p) { return __half2float(*p); }
 
 // e2m1 index of |v| with ties to the even index, saturating at 6 (formats.round_to_e2m1's thresholds).
 __device__ __forceinline__ uint32_t e2m1_code(float v) {
@@ -129,144 +109,54 @@ __device__ __forceinline__ float e8m0_value(uint32_t byte) {
   return __uint_as_float((byte << 23) | special);
 }
 
-// 16 bytes of elements of dtype code `dt` (0 fp32, 1 bf16, 2 fp16) -> fp32 values (4 or 8; exact).
-__device__ __forceinline__ int unpack16(uint4 raw, int dt, float (&v)[8]) {
-  const uint32_t wd[4] = {raw.x, raw.y, raw.z, raw.w};
-  if (dt == 0) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = __uint_as_float(wd[i]);
-    return 4;
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if (dt == 1) {
-      v[2 * i] = __uint_as_float(wd[i] << 16);
-      v[2 * i + 1] = __uint_as_float(wd[i] & 0xFFFF0000u);
-    } else {
-      v[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(wd[i] & 0xFFFFu)));
-      v[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(wd[i] >> 16)));
-    }
-  }
-  return 8;
-}
-
-__device__ __forceinline__ int dtype_bytes(int dt) { return dt == 0 ? 4 : 2; }
-
-// Act scratch of one chunk in shared memory (fp32): x [16 tokens][32 columns], then T [32 rows][G] with the 16-byte
-// segment s of row r stored at s ^ ((r / 4) % (G / 4)): the 8 threads of a token read rows 4p + q (p = 0..7) at the
-// same segment in one phase, which lands them in distinct banks (MXFP4; two-way for NVFP4's 4 segments per row).
-template <int G>
-struct ActScratch {
-  static constexpr int kXFloats = kMaxTokens * kChunkK;
-  static constexpr int kTFloats = kChunkK * G;
-  static constexpr int kFloats = kXFloats + kTFloats;
-  static constexpr int kBytes = kFloats * 4;
-  static constexpr int kTUnitsMax = kTFloats * 4 / 16 / kActThreads;  // 16-byte loads per thread at fp32 (1 or 2)
-  __device__ static int t_index(int row, int col) {
-    return row * G + ((((col >> 2) ^ (row >> 2)) & (G / 4 - 1)) << 2) + (col & 3);
-  }
-};
-
-// Loads of one chunk held in registers between issue and the shared-memory store.
-template <int G>
-struct ActLoads {
-  uint4 t[ActScratch<G>::kTUnitsMax];
-  uint4 x;
-};
-
-template <int G>
-__device__ __forceinline__ void issue_t_loads(const WushDecArgs& a, int64_t c, ActLoads<G>& L, int tid) {
-  const int bytes = kChunkK * G * dtype_bytes(a.t_dtype);
-  const uint8_t* src = static_cast<const uint8_t*>(a.t) + c * bytes;  // chunk c = columns 32c.. = rows 32c.. of T
-#pragma unroll
-  for (int u = 0; u < ActScratch<G>::kTUnitsMax; ++u) {
-    const int i = tid + u * kActThreads;
-    if (i * 16 < bytes) L.t[u] = __ldg(reinterpret_cast<const uint4*>(src) + i);
-  }
-}
-
-__device__ __forceinline__ int x_units_per_row(const WushDecArgs& a) { return kChunkK * dtype_bytes(a.x_dtype) / 16; }
-
-template <int G>
-__device__ __forceinline__ void issue_x_loads(const WushDecArgs& a, int64_t c, ActLoads<G>& L, int tid) {
-  const int upr = x_units_per_row(a);  // 8 (fp32) or 4
-  const int tok = tid / upr;
-  const int u = tid % upr;
-  if (tok < a.m) {
-    const uint8_t* src = static_cast<const uint8_t*>(a.x) +
-                         (tok * a.x_row_stride + c * kChunkK) * dtype_bytes(a.x_dtype) + u * 16;
-    L.x = *reinterpret_cast<const uint4*>(src);  // not __ldg: x may be the previous kernel's output
-  }
-}
-
-template <int G>
-__device__ __forceinline__ void store_act_loads(const WushDecArgs& a, const ActLoads<G>& L, float* scr, int tid) {
-  using S = ActScratch<G>;
-  float v[8];
+// Transform + quantize one 32-column chunk for 16 tokens: 128 threads, thread (token = tid / 8, p = tid % 8) owns
+// output columns 4p .. 4p+3 of the chunk; a group's amax is reduced over the threads that share it (8 for MXFP4,
+// 4 for NVFP4) with warp shuffles.
+template <int G, bool kNv, class TX>
+__device__ __forceinline__ void decode_act(const WushDecActArgs& a) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  __shared__ __align__(16) float ts[kChunkK * G];  // row i = output column i of the chunk, G inputs
+  const int c = blockIdx.x;
+  const int64_t k0 = static_cast<int64_t>(c) * kChunkK;
   {
-    const int upr = x_units_per_row(a);
-    const int tok = tid / upr;
-    const int u = tid % upr;
-    if (tok < a.m) {
-      const int cnt = unpack16(L.x, a.x_dtype, v);
-      float* dst = scr + tok * kChunkK + u * cnt;
-      *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
-      if (cnt == 8) *reinterpret_cast<float4*>(dst + 4) = make_float4(v[4], v[5], v[6], v[7]);
-    }
+    const float4* src = reinterpret_cast<const float4*>(a.t + (k0 / G) * G * G);
+    for (int i = threadIdx.x; i < kChunkK * G / 4; i += blockDim.x) reinterpret_cast<float4*>(ts)[i] = src[i];
   }
-  const int bytes = kChunkK * G * dtype_bytes(a.t_dtype);
-  float* ts = scr + S::kXFloats;
-#pragma unroll
-  for (int uu = 0; uu < S::kTUnitsMax; ++uu) {
-    const int i = tid + uu * kActThreads;
-    if (i * 16 < bytes) {
-      const int cnt = unpack16(L.t[uu], a.t_dtype, v);
-      const int e0 = i * cnt;  // first element of this unit
-      const int row = e0 / G;
-      const int col = e0 % G;
-      *reinterpret_cast<float4*>(ts + S::t_index(row, col)) = make_float4(v[0], v[1], v[2], v[3]);
-      if (cnt == 8) *reinterpret_cast<float4*>(ts + S::t_index(row, col + 4)) = make_float4(v[4], v[5], v[6], v[7]);
-    }
-  }
-}
-
-// Transform + quantize one 32-column chunk for the tokens from the scratch (written and synchronized before) and
-// write the B records (+ MXFP4 block scales, + optional reference-layout codes and scales). 128 threads: thread
-// (tok = tid / 8, p = tid % 8) owns output columns 4p .. 4p+3 of the chunk; a group's amax is reduced over the threads
-// that share it (8 for MXFP4, 4 for NVFP4) with warp shuffles.
-template <int G, bool kNv>
-__device__ __forceinline__ void quantize_chunk(const WushDecArgs& a, int64_t c, const float* scr, int tid) {
-  using S = ActScratch<G>;
-  const int tok = tid >> 3;
-  const int p = tid & 7;
+  __syncthreads();
+  const int tok = threadIdx.x >> 3;
+  const int p = threadIdx.x & 7;
   const bool tok_valid = tok < a.m;
   const int gcol = (4 * p / G) * G;  // the thread's group starts at this column of the chunk
-  const int64_t k0 = c * kChunkK;
 
-  float y[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  if (tok_valid) {  // (whole warps skip the shared-memory reads for absent tokens)
-    float x[G];
-    const float* xs = scr + tok * kChunkK + gcol;
+  float x[G];
+  if (tok_valid) {
+    const TX* src = static_cast<const TX*>(a.x) + tok * a.x_row_stride + k0 + gcol;
+    constexpr int kPerVec = 16 / sizeof(TX);
+#pragma unroll
+    for (int i = 0; i < G / kPerVec; ++i) {
+      uint4 raw = reinterpret_cast<const uint4*>(src)[i];
+      const TX* e = reinterpret_cast<const TX*>(&raw);
+#pragma unroll
+      for (int j = 0; j < kPerVec; ++j) x[i * kPerVec + j] = load_as_float(e + j);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < G; ++j) x[j] = 0.0f;
+  }
+  float y[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const float* trow = ts + (4 * p + q) * G;
+    float acc = 0.0f;
 #pragma unroll
     for (int j = 0; j < G; j += 4) {
-      const float4 v = *reinterpret_cast<const float4*>(xs + j);
-      x[j] = v.x, x[j + 1] = v.y, x[j + 2] = v.z, x[j + 3] = v.w;
+      float4 t4 = *reinterpret_cast<const float4*>(trow + j);
+      acc = fmaf(t4.x, x[j], acc);
+      acc = fmaf(t4.y, x[j + 1], acc);
+      acc = fmaf(t4.z, x[j + 2], acc);
+      acc = fmaf(t4.w, x[j + 3], acc);
     }
-    const float* ts = scr + S::kXFloats;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int row = 4 * p + q;
-      float acc = 0.0f;
-#pragma unroll
-      for (int j = 0; j < G; j += 4) {
-        const float4 t4 = *reinterpret_cast<const float4*>(ts + S::t_index(row, j));
-        acc = fmaf(t4.x, x[j], acc);
-        acc = fmaf(t4.y, x[j + 1], acc);
-        acc = fmaf(t4.z, x[j + 2], acc);
-        acc = fmaf(t4.w, x[j + 3], acc);
-      }
-      y[q] = acc;
-    }
+    y[q] = acc;
   }
   bool bad = false;
   float amax = 0.0f;
@@ -305,7 +195,7 @@ __device__ __forceinline__ void quantize_chunk(const WushDecArgs& a, int64_t c, 
         bval[q] = __int_as_float(0x7FC00000);
       }
     } else {
-      float g = *a.ga;
+      float g = *a.gs;
       float s_in = __fdiv_rn(amax, __fmul_rn(6.0f, g));
       __nv_fp8_storage_t s8 = __nv_cvt_float_to_fp8(fminf(s_in, 448.0f), __NV_SATFINITE, __NV_E4M3);
       if (isnan(s_in)) s8 = 0x7F;
@@ -337,7 +227,7 @@ __device__ __forceinline__ void quantize_chunk(const WushDecArgs& a, int64_t c, 
     uint2 rec = make_uint2(*reinterpret_cast<uint32_t*>(&lo), *reinterpret_cast<uint32_t*>(&hi));
     __half* dst = a.b + ((static_cast<int64_t>(tok >> 3) * kc + c) * 32 + lane) * 8 + (p & 1) * 4;
     *reinterpret_cast<uint2*>(dst) = rec;
-    if (!kNv && p == 0) a.sa[(c * a.tiles + (tok >> 3)) * 8 + (tok & 7)] = block_scale;
+    if (!kNv && p == 0) a.sa[(static_cast<int64_t>(c) * a.tiles + (tok >> 3)) * 8 + (tok & 7)] = block_scale;
   }
   if (tok_valid && a.codes != nullptr) {
     uint8_t* cd = a.codes + tok * (a.k / 2) + (k0 + 4 * p) / 2;
@@ -345,46 +235,6 @@ __device__ __forceinline__ void quantize_chunk(const WushDecArgs& a, int64_t c, 
     cd[1] = static_cast<uint8_t>(codes[2] | (codes[3] << 4));
     if (4 * p % G == 0) a.scales[tok * (a.k / G) + (k0 + 4 * p) / G] = scale;
   }
-}
-
-// The act work of one CTA (kActThreads threads): chunks c0, c0 + stride, ... (n of them, any number), R at a time
-// through R scratch slots. The transform loads go out first; x is read after griddepcontrol.wait (x is the previous
-// kernel's output; the wait is a no-op unless the kernel was launched as a programmatic dependent).
-template <int G, bool kNv, int R>
-__device__ __forceinline__ void act_chunks(const WushDecArgs& a, int64_t c0, int64_t stride, int n, float* scr,
-                                           int tid) {
-  using S = ActScratch<G>;
-  bool first = true;
-  for (int done = 0; first || done < n; done += R) {
-    ActLoads<G> L[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-      if (done + r < n) issue_t_loads<G>(a, c0 + (done + r) * stride, L[r], tid);
-    if (first) {
-      griddep_wait();
-    } else {
-      __syncthreads();  // the previous round's readers are done with the scratch
-    }
-    first = false;
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-      if (done + r < n) issue_x_loads<G>(a, c0 + (done + r) * stride, L[r], tid);
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-      if (done + r < n) store_act_loads<G>(a, L[r], scr + r * S::kFloats, tid);
-    __syncthreads();
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-      if (done + r < n) quantize_chunk<G, kNv>(a, c0 + (done + r) * stride, scr + r * S::kFloats, tid);
-  }
-}
-
-// Two-launch form: one CTA per chunk.
-template <int G, bool kNv>
-__device__ __forceinline__ void decode_act(const WushDecArgs& a) {
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  __shared__ __align__(16) float scr[ActScratch<G>::kFloats];
-  act_chunks<G, kNv, 1>(a, blockIdx.x, 0, 1, scr, threadIdx.x);
 }
 
 // ------------------------------------------------------------------ GEMM helpers
@@ -480,26 +330,19 @@ struct GemmLayout {
   static constexpr int kStageBytes = kCodeBytes + kScaleBytes + kBBytes + kSaBytes;
   // per-warp decoded weight scales of one stage: MXFP4 fp32 [chunk][g][4 rows], NVFP4 half2 [chunk][2][g][4 rows]
   static constexpr int kWarpScaleBytes = kNv ? kStageChunks * 2 * 32 * 4 : kStageChunks * 32 * 4;
+  static constexpr int kSmemBytes = STAGES * kStageBytes + NWARPS * kWarpScaleBytes;
   static constexpr int kElems = 2 * TILES * 4;  // accumulator elements per thread
   static constexpr int kPartPerCta = kRows * kElems;
-  // fused act work: chunks per round, through the last stage's buffer (unused until the main loop starts)
-  static constexpr int kActRounds = kStageBytes / ActScratch<kNv ? 16 : 32>::kBytes < 2
-                                        ? kStageBytes / ActScratch<kNv ? 16 : 32>::kBytes : 2;
-  static_assert(kActRounds >= 1, "act scratch fits a stage buffer");
 };
 
-// Spin limit of the fused kernel's wait for the act chunks: a grid that is not resident at once (fewer SMs than
-// the launch assumed) would otherwise hang; it traps instead.
-constexpr uint64_t kSpinLimitNs = 4000000000ull;
-
-template <bool kNv, int TILES, int NWARPS, int STAGES, bool kFused>
-__device__ __forceinline__ void decode_gemm(const WushDecArgs& a) {
+template <bool kNv, int TILES, int NWARPS, int STAGES>
+__device__ __forceinline__ void decode_gemm(const WushDecGemmArgs& a) {
   using L = GemmLayout<kNv, TILES, NWARPS, STAGES>;
   constexpr int kRows = L::kRows;
   constexpr int kThreads = NWARPS * 32;
   constexpr int kG = kNv ? 16 : 32;
   extern __shared__ __align__(128) uint8_t smem[];
-  __shared__ int s_last[2];
+  __shared__ int s_last;
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
@@ -523,7 +366,6 @@ __device__ __forceinline__ void decode_gemm(const WushDecArgs& a) {
   // warp copies 4 whole 128-byte row segments per instruction), one scale row, 2 * TILES B records, a few sa.
   // Rows past N read row N - 1 (their results are never stored), so no copy is predicated.
   static_assert(kRows == kThreads && 256 % kThreads == 0, "one scale row per thread");
-  static_assert(!kFused || kThreads == kActThreads, "the fused act work runs on 128 threads");
   constexpr int kRowStep = kThreads / kStageChunks;
   const int cp_row = tid >> 3;
   const int cp_chunk = tid & 7;
@@ -704,69 +546,52 @@ __device__ __forceinline__ void decode_gemm(const WushDecArgs& a) {
     return a.part + (cta * 2 + slot) * L::kPartPerCta + (warp * 32 + lane) * L::kElems;
   };
 
-  // Sum of the partials of row block rb over its CTAs cf..cl in CTA order, kBatch loads in flight at a time. CTA cf
-  // holds rb in slot 1 when its range started in an earlier row block, every other CTA in slot 0.
-  auto reduce_out = [&](int64_t rb) {
-    const int64_t cf = cta_of(rb * spr, units, ctas);
-    const int64_t cl = cta_of((rb + 1) * spr - 1, units, ctas);
-    const bool cf_second = unit_start(cf, units, ctas) < rb * spr;
-    constexpr int kBatch = 8 / TILES;
-    float v[2][TILES][4];
-#pragma unroll
-    for (int f = 0; f < 2; ++f)
-#pragma unroll
-      for (int tt = 0; tt < TILES; ++tt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) v[f][tt][i] = 0.0f;
-    for (int64_t c0 = cf; c0 <= cl; c0 += kBatch) {
-      float4 p4[kBatch][2 * TILES];
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        if (c0 + j <= cl) {
-          const float4* src = reinterpret_cast<const float4*>(part_ptr(c0 + j, (j == 0 && c0 == cf && cf_second) ? 1 : 0));
-#pragma unroll
-          for (int e = 0; e < 2 * TILES; ++e) p4[j][e] = __ldcg(src + e);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        if (c0 + j <= cl) {
-#pragma unroll
-          for (int f = 0; f < 2; ++f)
-#pragma unroll
-            for (int tt = 0; tt < TILES; ++tt) {
-              const float4 q4 = p4[j][f * TILES + tt];
-              v[f][tt][0] += q4.x;
-              v[f][tt][1] += q4.y;
-              v[f][tt][2] += q4.z;
-              v[f][tt][3] += q4.w;
-            }
-        }
-      }
-    }
-    write_out(rb, v);
-  };
-
-  // A segment that ends: a whole row block is written out at once; a partial one goes to its slot (0 for the CTA's
-  // first segment, 1 for its last) and is announced after the main loop.
-  int64_t pending0 = -1, pending1 = -1;  // row blocks of the CTA's partial first / last segment
   auto flush = [&](int64_t rb, int64_t ua, int64_t ub) {
     const bool full = ua == rb * spr && ub == (rb + 1) * spr;
     if (full) {
       write_out(rb, acc);
     } else {
-      const int slot = ua == u0 ? 0 : 1;
-      float* dst = part_ptr(blockIdx.x, slot);
+      float* dst = part_ptr(blockIdx.x, ua == u0 ? 0 : 1);
 #pragma unroll
       for (int f = 0; f < 2; ++f)
 #pragma unroll
         for (int tt = 0; tt < TILES; ++tt)
           reinterpret_cast<float4*>(dst)[f * TILES + tt] =
               make_float4(acc[f][tt][0], acc[f][tt][1], acc[f][tt][2], acc[f][tt][3]);
-      if (slot == 0) {
-        pending0 = rb;
-      } else {
-        pending1 = rb;
+      const int64_t cf = cta_of(rb * spr, units, ctas);
+      const int64_t cl = cta_of((rb + 1) * spr - 1, units, ctas);
+      __threadfence();
+      __syncthreads();
+      if (tid == 0) {
+        const int prev = atomicAdd(a.counters + rb, 1);
+        s_last = prev == static_cast<int>(cl - cf);
+      }
+      __syncthreads();
+      if (s_last) {
+        __threadfence();
+        float v[2][TILES][4];
+#pragma unroll
+        for (int f = 0; f < 2; ++f)
+#pragma unroll
+          for (int tt = 0; tt < TILES; ++tt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) v[f][tt][i] = 0.0f;
+        for (int64_t c = cf; c <= cl; ++c) {
+          const int slot = unit_start(c, units, ctas) < rb * spr ? 1 : 0;
+          const float4* src = reinterpret_cast<const float4*>(part_ptr(c, slot));
+#pragma unroll
+          for (int f = 0; f < 2; ++f)
+#pragma unroll
+            for (int tt = 0; tt < TILES; ++tt) {
+              const float4 p4 = __ldcg(src + f * TILES + tt);
+              v[f][tt][0] += p4.x;
+              v[f][tt][1] += p4.y;
+              v[f][tt][2] += p4.z;
+              v[f][tt][3] += p4.w;
+            }
+        }
+        write_out(rb, v);
+        if (tid == 0) a.counters[rb] = 0;
       }
     }
 #pragma unroll
@@ -777,53 +602,19 @@ __device__ __forceinline__ void decode_gemm(const WushDecArgs& a) {
         for (int i = 0; i < 4; ++i) acc[f][tt][i] = 0.0f;
   };
 
-  // prologue: weights of the first STAGES-1 units (they depend on no earlier kernel), then the activation operand
+  // prologue: weights of the first STAGES-1 units (they do not depend on the act kernel), then wait for it
   int64_t rb0 = u0 / spr;
   int64_t st0 = u0 - rb0 * spr;
   int64_t iss_rb = rb0, iss_st = st0;  // next unit to load
-  auto weight_prologue = [&] {
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < count) {
-        issue_weights(iss_rb, iss_st, s);
-        if (++iss_st == spr) iss_st = 0, ++iss_rb;
-      }
-      cp_async_commit();
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < count) {
+      issue_weights(iss_rb, iss_st, s);
+      if (++iss_st == spr) iss_st = 0, ++iss_rb;
     }
-  };
-  if constexpr (kFused) {
-    // This CTA's act chunks: blockIdx.x, + ctas, ... A CTA with none streams its weights at once; a producer issues
-    // them after it has published its chunks, so that the release fence does not wait behind its own weight copies
-    // (the CTAs without chunks keep the memory system busy meanwhile).
-    const int mine = blockIdx.x < kc ? static_cast<int>((kc - 1 - blockIdx.x) / ctas + 1) : 0;
-    if (mine == 0) weight_prologue();
-    float* scr = reinterpret_cast<float*>(stage_ptr(STAGES - 1));  // unused until the main loop's first issue
-    act_chunks<kG, kNv, L::kActRounds>(a, blockIdx.x, ctas, mine, scr, tid);
-    if (mine > 0) {
-      __syncthreads();  // all of this CTA's B records are stored
-      if (tid == 0) {
-        fence_acq_rel_gpu();
-        atomicAdd(a.sync, mine);
-      }
-      weight_prologue();
-    }
-    if (tid == 0) {
-      const uint64_t t0 = global_timer_ns();
-      while (ld_acquire_gpu(a.sync) < kc) {
-        __nanosleep(64);
-        if (global_timer_ns() - t0 > kSpinLimitNs) __trap();
-      }
-      // the last CTA past the wait re-arms both counters (every CTA has published and seen the total by then)
-      if (atomicAdd(a.sync + 32, 1) == a.ctas - 1) {
-        atomicExch(a.sync, 0);
-        atomicExch(a.sync + 32, 0);
-      }
-    }
-    __syncthreads();  // (also: the scratch reads are done before the main loop reuses the stage buffer)
-  } else {
-    weight_prologue();
-    griddep_wait();
+    cp_async_commit();
   }
+  asm volatile("griddepcontrol.wait;" ::: "memory");
   {
     int64_t st = st0;
 #pragma unroll
@@ -874,58 +665,33 @@ __device__ __forceinline__ void decode_gemm(const WushDecArgs& a) {
   }
 #endif
   cp_async_wait<0>();
-  // announce the partial segments (one fence and counter round trip for both); the last arrival reduces
-  if (pending0 >= 0 || pending1 >= 0) {
-    const int64_t pending[2] = {pending0, pending1};
-    __syncthreads();  // every thread's partials are stored
-    if (tid == 0) {
-      fence_acq_rel_gpu();
-      int prev[2] = {0, 0};
-#pragma unroll
-      for (int s = 0; s < 2; ++s)
-        if (pending[s] >= 0) prev[s] = atomicAdd(a.counters + pending[s], 1);
-#pragma unroll
-      for (int s = 0; s < 2; ++s) {
-        const int64_t rb = pending[s];
-        s_last[s] = rb >= 0 && prev[s] == static_cast<int>(cta_of((rb + 1) * spr - 1, units, ctas) -
-                                                           cta_of(rb * spr, units, ctas));
-      }
-      fence_acq_rel_gpu();
-    }
-    __syncthreads();
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      if (s_last[s]) {
-        reduce_out(pending[s]);
-        if (tid == 0) a.counters[pending[s]] = 0;
-      }
-    }
-  }
 }
 
 }  // namespace
 
-#define WUSH_DEC_ACT(FMT, G, NV) \
-  extern "C" __global__ void __launch_bounds__(kActThreads) wush_dec_act_##FMT(const WushDecArgs args) { \
-    decode_act<G, NV>(args);                                                                            \
+#define WUSH_DEC_ACT(NAME, G, NV, TX)                                                               \
+  extern "C" __global__ void __launch_bounds__(128) wush_dec_act_##NAME(const WushDecActArgs args) { \
+    decode_act<G, NV, TX>(args);                                                                    \
   }
 
-WUSH_DEC_ACT(mxfp4, 32, false)
-WUSH_DEC_ACT(nvfp4, 16, true)
+WUSH_DEC_ACT(mxfp4_fp32, 32, false, float)
+WUSH_DEC_ACT(mxfp4_bf16, 32, false, __nv_bfloat16)
+WUSH_DEC_ACT(mxfp4_fp16, 32, false, __half)
+WUSH_DEC_ACT(nvfp4_fp32, 16, true, float)
+WUSH_DEC_ACT(nvfp4_bf16, 16, true, __nv_bfloat16)
+WUSH_DEC_ACT(nvfp4_fp16, 16, true, __half)
 
-#define WUSH_DEC_GEMM(KIND, FUSED, FMT, NV, TILES, NWARPS, STAGES)                                    \
-  extern "C" __global__ void __launch_bounds__(NWARPS * 32)                                           \
-      wush_dec_##KIND##_##FMT##_t##TILES##_w##NWARPS##_s##STAGES(const WushDecArgs args) {            \
-    decode_gemm<NV, TILES, NWARPS, STAGES, FUSED>(args);                                              \
+#define WUSH_DEC_GEMM(FMT, NV, TILES, NWARPS, STAGES)                                                      \
+  extern "C" __global__ void __launch_bounds__(NWARPS * 32)                                                \
+      wush_dec_gemm_##FMT##_t##TILES##_w##NWARPS##_s##STAGES(const WushDecGemmArgs args) {                 \
+    decode_gemm<NV, TILES, NWARPS, STAGES>(args);                                                          \
   }
 
-#define WUSH_DEC_GEMM_ALL(TILES, NWARPS, STAGES)                      \
-  WUSH_DEC_GEMM(gemm, false, mxfp4, false, TILES, NWARPS, STAGES)     \
-  WUSH_DEC_GEMM(gemm, false, nvfp4, true, TILES, NWARPS, STAGES)      \
-  WUSH_DEC_GEMM(fused, true, mxfp4, false, TILES, NWARPS, STAGES)     \
-  WUSH_DEC_GEMM(fused, true, nvfp4, true, TILES, NWARPS, STAGES)
+#define WUSH_DEC_GEMM_FMTS(TILES, NWARPS, STAGES) \
+  WUSH_DEC_GEMM(mxfp4, false, TILES, NWARPS, STAGES) \
+  WUSH_DEC_GEMM(nvfp4, true, TILES, NWARPS, STAGES)
 
-WUSH_DEC_GEMM_ALL(1, 4, 4)
-WUSH_DEC_GEMM_ALL(2, 4, 4)
-WUSH_DEC_GEMM_ALL(1, 4, 3)
-WUSH_DEC_GEMM_ALL(2, 4, 3)
+WUSH_DEC_GEMM_FMTS(1, 4, 4)
+WUSH_DEC_GEMM_FMTS(2, 4, 4)
+WUSH_DEC_GEMM_FMTS(1, 4, 3)
+WUSH_DEC_GEMM_FMTS(2, 4, 3)
