@@ -297,7 +297,8 @@ def run_model(name: str, s: E2ESettings, device) -> dict:
         fp_tokens, _, _ = Runner(model, "", None, device).generate(ids, s.text_tokens)
         if on_gpu:
             out["bf16"] = measure(model, "inductor", s, vocab, device, "bf16")
-        cfg = WushConfig(format=s.fmt, method=Method.GPTQ, transform=TransformKind.WUSH, nsamples=32, seqlen=512)
+        # the calibration of `wush quantize`'s default (8 x 512 tokens of the installed text)
+        cfg = WushConfig(format=s.fmt, method=Method.GPTQ, transform=TransformKind.WUSH, nsamples=8, seqlen=512)
         calib_text, _ = default_texts()
         t0 = time.perf_counter()
         calibrate(model, calibration_batches(tokenize(tok, calib_text), cfg.nsamples, cfg.seqlen, seed=0), cfg)
