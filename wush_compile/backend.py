@@ -151,7 +151,7 @@ def wush_backend(
     result = run_passes(gm, example_inputs, opts)
     _emit(result)
     if result.rewritten:
-        _prepare_devices(example_inputs)
+        _prepare_devices(gm, example_inputs)
     if not opts.inductor:
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
@@ -159,16 +159,44 @@ def wush_backend(
     return compile_fx(gm, example_inputs, config_patches=config_patches)
 
 
-def _prepare_devices(example_inputs: Sequence[Any]) -> None:
-    """Allocate the kernels' persistent buffers now: under mode="reduce-overhead" the first kernel call happens
-    in CUDA-graph warm-up, where a lazily allocated buffer would land in the graph's memory pool."""
+def _prepare_devices(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Allocate the kernels' persistent buffers and per-layer derived operands now: under mode="reduce-overhead"
+    the first kernel call happens in CUDA-graph warm-up, where a lazily allocated buffer would land in the graph's
+    memory pool."""
     devices = {t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"}
     if not devices:
         return
     from .ops import kernels
 
+    transforms, biases = _fused_operands(gm, example_inputs)
     for device in devices:
-        kernels.prepare(device)
+        kernels.prepare(device, transforms, biases)
+
+
+def _fused_operands(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[list, list]:
+    """The real tensors fed as transform and bias to the fused ops (graph inputs or module attributes)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    value = {n: t for n, t in zip(placeholders, example_inputs)}
+
+    def real(node: Any) -> Optional[torch.Tensor]:
+        if not isinstance(node, fx.Node):
+            return None
+        t = value.get(node)
+        if t is None and node.op == "get_attr":
+            t = getattr(gm, str(node.target), None)
+        if not isinstance(t, torch.Tensor) or isinstance(t, torch._subclasses.FakeTensor) or t.device.type != "cuda":
+            return None
+        return t
+
+    fused = {torch.ops.wush.fused_linear.default, torch.ops.wush.fused_linear_group.default}
+    transforms, biases = [], []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in fused:
+            continue
+        transforms.append(real(node.args[3]))
+        bias = node.args[6]
+        biases.extend(real(b) for b in (bias if isinstance(bias, (list, tuple)) else [bias]))
+    return [t for t in transforms if t is not None], [b for b in biases if b is not None]
 
 
 def _reset() -> None:
@@ -177,6 +205,12 @@ def _reset() -> None:
         from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
         reset_cudagraph_trees()
+    # ...and the derived per-layer operands (fp32 transforms, swizzled scales) that held their sources alive.
+    import sys
+
+    cuda_ops = sys.modules.get("wush_compile.cuda.ops")
+    if cuda_ops is not None:
+        cuda_ops.clear_caches()
 
 
 wush_backend.reset = _reset  # type: ignore[attr-defined]

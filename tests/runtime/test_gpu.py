@@ -174,3 +174,27 @@ def test_reduce_overhead_split_k_layer():
             out = compiled(x).float()
     err = (out - ref).abs().max().item()
     assert err <= ref.abs().max().item() / 128, f"|compiled - eager| = {err:.3g} (bf16 output rounding)"
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_reduce_overhead_cuda_decode_bf16_operands(fmt):
+    """A decode-size bf16 layer with a bias on the Hopper CUDA decode route (K % 256 == 0) under CUDA graphs: the
+    fp32 copies of its bf16 transform and bias are made at compile time, not lazily inside the graph's memory
+    pool (which cudagraph trees reject as untracked live allocations)."""
+    from wush_compile.cuda import decode as cuda_decode
+
+    if torch.cuda.get_device_capability() != (9, 0) or not cuda_decode.available()[0]:
+        pytest.skip("needs sm_90 with the CUDA decode kernels")
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(*(
+        wush_linear_from(torch.nn.Linear(512, 512, bias=True).to(torch.bfloat16), fmt, "hadamard") for _ in range(3)
+    )).cuda()
+    assert layers[0].transform.dtype == torch.bfloat16 and layers[0].bias.dtype == torch.bfloat16
+    x = torch.randn(1, 512, dtype=torch.bfloat16, device="cuda")
+    compiled = torch.compile(layers, backend="wush", fullgraph=True, mode="reduce-overhead")
+    with torch.no_grad():
+        ref = layers(x).float()
+        for _ in range(4):  # warm-up, record, replay
+            out = compiled(x).float()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel <= 2e-2, f"|compiled - eager| / |eager| = {rel:.3g}"

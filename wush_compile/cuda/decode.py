@@ -26,7 +26,7 @@ import functools
 import logging
 import os
 import threading
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -317,9 +317,11 @@ _COUNTERS: dict[str, torch.Tensor] = {}
 _MX_GS: dict[str, torch.Tensor] = {}
 
 
-def prepare(device) -> None:
-    """Allocate the persistent per-device buffers (row-block counters, MXFP4's global scale) now, outside any
-    CUDA-graph capture. Idempotent; :func:`wush_compile.ops.kernels.prepare` calls it."""
+def prepare(device, transforms: Sequence[torch.Tensor] = (), biases: Sequence[torch.Tensor] = ()) -> None:
+    """Allocate the persistent per-device buffers (row-block counters, MXFP4's global scale) and the per-layer
+    fp32 copies of ``transforms`` and ``biases`` now, outside any CUDA-graph capture or memory pool (made lazily,
+    in CUDA-graph warm-up, they would stay alive in the graph's pool untracked). Idempotent;
+    :func:`wush_compile.ops.kernels.prepare` calls it."""
     d = torch.device(device)
     if d.type != "cuda":
         return
@@ -330,6 +332,12 @@ def prepare(device) -> None:
         if key not in _COUNTERS:
             _COUNTERS[key] = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=d)
             _MX_GS[key] = torch.full((1,), formats.MXFP4_GLOBAL_SCALE, dtype=torch.float32, device=d)
+    for t in transforms:
+        if t.device == d and t.dtype != torch.float32 and (t.shape[0] * t.shape[-1]) % STAGE_K == 0:
+            _fp32_transform(t)
+    for b in biases:
+        if b is not None and b.device == d:
+            _bias32(b)
 
 
 def _state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -537,12 +545,8 @@ def _sm_count(index: int) -> int:
 def _bias32(bias: torch.Tensor) -> torch.Tensor:
     if bias.dtype == torch.float32 and bias.is_contiguous():
         return bias
-    from .ops import _DerivedCache
+    from .ops import _fp32_bias
 
-    global _BIAS_CACHE
-    if _BIAS_CACHE is None:
-        _BIAS_CACHE = _DerivedCache(lambda t: t.to(torch.float32).contiguous())
-    return _BIAS_CACHE(bias)
+    return _fp32_bias(bias)
 
 
-_BIAS_CACHE = None

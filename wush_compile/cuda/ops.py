@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import threading
-import weakref
 from typing import Callable, Optional
 
 import torch
@@ -119,32 +118,54 @@ def _check_bias(bias: Optional[torch.Tensor], n: int, device: torch.device) -> O
 
 
 class _DerivedCache:
-    """Derived tensors (swizzled weight scales, fp32 transforms) cached per source tensor object and version."""
+    """Derived tensors (swizzled weight scales, fp32 transforms, fp32 biases) cached per source storage, shape,
+    strides and version.
+
+    Keyed by data pointer rather than object identity: compiled code may hand the kernels a fresh view of the same
+    buffer. Each entry holds its source alive, so a cached pointer can never be reused by another tensor. Under
+    CUDA graphs a derived tensor made lazily during warm-up would land in the graph's memory pool, untracked;
+    :func:`warm` (called by the backend at compile time) makes them beforehand."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], size: int = 4096):
         self._fn = fn
         self._size = size
-        self._entries: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+        self._entries: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple:
+        return (t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride())
+
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        key = id(t)
+        key = self._key(t)
         with self._lock:
             hit = self._entries.get(key)
-            if hit is not None and hit[0]() is t and hit[1] == t._version:
+            if hit is not None and hit[1] == t._version:
                 return hit[2]
         value = self._fn(t)
         with self._lock:
             if len(self._entries) >= self._size:
-                self._entries = {k: v for k, v in self._entries.items() if v[0]() is not None}
-                if len(self._entries) >= self._size:
-                    self._entries.clear()
-            self._entries[key] = (weakref.ref(t), t._version, value)
+                self._entries.clear()
+            self._entries[key] = (t, t._version, value)
         return value
+
+    def warm(self, t: torch.Tensor) -> None:
+        self(t)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
 
 _swizzled_scales = _DerivedCache(layout.to_swizzled)
 _fp32_transform = _DerivedCache(lambda t: t.to(torch.float32).contiguous())
+_fp32_bias = _DerivedCache(lambda t: t.to(torch.float32).contiguous())
+
+
+def clear_caches() -> None:
+    """Drop every derived tensor (called when dynamo resets, with the recorded CUDA graphs that used them)."""
+    for cache in (_swizzled_scales, _fp32_transform, _fp32_bias):
+        cache.clear()
 
 
 # ---------------------------------------------------------------- transform + quantize

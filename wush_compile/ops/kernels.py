@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import weakref
+from typing import Sequence
 
 import torch
 
@@ -245,9 +246,10 @@ def _stats(device: torch.device) -> torch.Tensor:
     return t
 
 
-def prepare(device) -> None:
+def prepare(device, transforms: Sequence[torch.Tensor] = (), biases: Sequence[torch.Tensor] = ()) -> None:
     """Allocate the launchers' persistent device buffers (split-K counters, fallback counters, MXFP4's global
-    scale) on ``device`` now, outside any CUDA-graph capture or graph memory pool. Idempotent."""
+    scale) on ``device`` now, outside any CUDA-graph capture or graph memory pool, and derive what the CUDA
+    decode kernels cache per layer (fp32 copies of ``transforms`` and ``biases``). Idempotent."""
     device = torch.device(device)
     if device.type != "cuda":
         return
@@ -259,7 +261,7 @@ def prepare(device) -> None:
     if CUDA_DECODE and torch.cuda.get_device_capability(device) == (9, 0):
         from ..cuda import decode as cuda_decode
 
-        cuda_decode.prepare(device)
+        cuda_decode.prepare(device, transforms, biases)
 
 
 def fallback_stats(device=None, reset: bool = False) -> dict:
