@@ -173,8 +173,11 @@ def _prepare_devices(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
         kernels.prepare(device, transforms, biases)
 
 
-def _fused_operands(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[list, list]:
-    """The real tensors fed as transform and bias to the fused ops (graph inputs or module attributes)."""
+def _fused_operands(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], device_type: str = "cuda"
+) -> tuple[list, list]:
+    """The real tensors on ``device_type`` fed as transform and bias to the fused ops (graph inputs or module
+    attributes), in graph order."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     value = {n: t for n, t in zip(placeholders, example_inputs)}
 
@@ -183,8 +186,10 @@ def _fused_operands(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[
             return None
         t = value.get(node)
         if t is None and node.op == "get_attr":
-            t = getattr(gm, str(node.target), None)
-        if not isinstance(t, torch.Tensor) or isinstance(t, torch._subclasses.FakeTensor) or t.device.type != "cuda":
+            t = gm
+            for part in str(node.target).split("."):
+                t = getattr(t, part, None)
+        if not isinstance(t, torch.Tensor) or isinstance(t, torch._subclasses.FakeTensor) or t.device.type != device_type:
             return None
         return t
 

@@ -123,6 +123,26 @@ def test_pass_counters_and_records():
     assert (recs["q"].n, recs["q"].k, recs["q"].fmt, recs["q"].m_hint) == (64, 64, "mxfp4", 10)
 
 
+def test_fused_operands_are_the_real_layer_buffers():
+    """What the backend derives at compile time (fp32 transforms and biases of the CUDA decode kernels, before
+    CUDA-graph warm-up): the very buffers the fused ops will read, found through the rewritten graph."""
+    m = TinyAttention().eval()
+    found = []
+
+    def spy(gm, example_inputs):
+        fn = wb.wush_backend(gm, example_inputs, options={"inductor": False})
+        found.append(wb._fused_operands(gm, example_inputs, device_type="cpu"))
+        return fn
+
+    with torch.no_grad():
+        torch.compile(m, backend=spy, fullgraph=True)(_x(2, 5, 64))
+    ((transforms, biases),) = found
+    ptrs = {getattr(m, n).transform.data_ptr() for n in "qkvo"}
+    assert len(transforms) == 2 and {t.data_ptr() for t in transforms} <= ptrs  # the q/k/v group, then o
+    assert [b.data_ptr() for b in biases] == [m.q.bias.data_ptr()]
+    assert wb._fused_operands(torch.fx.symbolic_trace(torch.nn.Identity()), [torch.zeros(1)], "cpu") == ([], [])
+
+
 def test_group_option_and_transform_mismatch():
     m = TinyAttention(kind="wush").eval()  # data-aware transforms differ per layer: nothing to group
     with wb.collect_results() as results, torch.no_grad():
