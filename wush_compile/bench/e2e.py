@@ -291,7 +291,7 @@ def run_model(name: str, s: E2ESettings, device) -> dict:
         from calibrate.models import load_model
 
         model, tok = load_model(None, dtype=torch.float32)
-        model = model.to(device=device, dtype=dtype).eval()
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # inference, as the random models
         vocab = model.config.vocab_size
         ids = tok(PROMPT, return_tensors="pt").input_ids.to(device)
         fp_tokens, _, _ = Runner(model, "", None, device).generate(ids, s.text_tokens)

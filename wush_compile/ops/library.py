@@ -496,3 +496,84 @@ def _fused_linear_group_fake(x, weight_codes, weight_scales, transform, weight_g
 LINEAR_OPS = (torch.ops.wush.linear, torch.ops.wush.linear.default)
 #: The ops the rewrite produces.
 FUSED_OPS = (torch.ops.wush.fused_linear.default, torch.ops.wush.fused_linear_group.default)
+
+
+# ------------------------------------------------------------------------------------------------ autograd
+#
+# The calibrated linears are inference layers, but a model whose embeddings or lm_head still require grad is
+# traced by torch.compile (AOTAutograd) with a backward, and activations may need gradients (e.g. attribution or
+# adapters on a quantized base). The formula is the straight-through estimator on the activation quantizer
+# (SPEC section 5 with quantize(.) read as the identity): y ~ (x T^T) W^T + b with W the dequantized weight
+# (global scale included), so dx_b = (dy W)_b T_b per block b. Codes, scales, transforms and global scales are
+# buffers and get no gradient; a bias that requires grad (single linears) gets the sum of dy.
+
+
+@torch.library.custom_op("wush::dequantize_weight", mutates_args=())
+def dequantize_weight(weight_codes: torch.Tensor, weight_scales: torch.Tensor, weight_global_scale: torch.Tensor,
+                      fmt: str) -> torch.Tensor:
+    """The dequantized weight in the transformed space, fp32 (N, K) (the backward's operand; opaque to tracing
+    because dequantization branches on the data for NaN scales)."""
+    return reference.dequantize_weight_ref(weight_codes, weight_scales, weight_global_scale, fmt)
+
+
+@dequantize_weight.register_fake
+def _dequantize_weight_fake(weight_codes, weight_scales, weight_global_scale, fmt):
+    return weight_codes.new_empty((weight_codes.shape[0], weight_codes.shape[1] * 2), dtype=torch.float32)
+
+
+def _ste_input_grad(x_meta, grads, weight_codes, weight_scales, transform, wgs, fmt):
+    g = None  # (M, K) fp32, the gradient in the transformed space
+    for gy, c, s, gs in zip(grads, weight_codes, weight_scales, wgs):
+        if gy is None:
+            continue
+        w = torch.ops.wush.dequantize_weight(c, s, gs, fmt)  # (N, K) fp32
+        part = gy.reshape(-1, gy.shape[-1]).to(torch.float32) @ w  # (M, K)
+        g = part if g is None else g + part
+    if g is None:
+        return None
+    nb, gsz, _ = transform.shape
+    gx = torch.einsum("mbj,bjk->mbk", g.reshape(-1, nb, gsz), transform.to(torch.float32))  # g_b @ T_b
+    shape, dtype = x_meta
+    return gx.reshape(shape).to(dtype)
+
+
+def _setup_single(ctx, inputs, output):
+    x, codes, scales, transform, wgs, _ags, bias, fmt = inputs[:8]
+    ctx.save_for_backward(codes, scales, transform, wgs)
+    ctx.x_meta = (x.shape, x.dtype)
+    ctx.fmt = fmt
+    ctx.bias_needs_grad = bias is not None and bias.requires_grad
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.n_inputs = len(inputs)
+
+
+def _backward_single(ctx, gy):
+    codes, scales, transform, wgs = ctx.saved_tensors
+    gx = _ste_input_grad(ctx.x_meta, [gy], [codes], [scales], transform, [wgs], ctx.fmt) \
+        if ctx.needs_input_grad[0] else None
+    gb = gy.reshape(-1, gy.shape[-1]).sum(0).to(ctx.bias_dtype) if ctx.bias_needs_grad else None
+    return (gx, None, None, None, None, None, gb) + (None,) * (ctx.n_inputs - 7)
+
+
+def _setup_group(ctx, inputs, output):
+    x, codes, scales, transform, wgs, _ags, biases, fmt, _kernel = inputs
+    ctx.save_for_backward(transform, *codes, *scales, *wgs)
+    ctx.members = len(codes)
+    ctx.x_meta = (x.shape, x.dtype)
+    ctx.fmt = fmt
+
+
+def _backward_group(ctx, grads):
+    transform, *rest = ctx.saved_tensors
+    n = ctx.members
+    codes, scales, wgs = rest[:n], rest[n:2 * n], rest[2 * n:]
+    gx = _ste_input_grad(ctx.x_meta, grads, codes, scales, transform, wgs, ctx.fmt) \
+        if ctx.needs_input_grad[0] else None
+    none = [None] * n  # list inputs take a list of gradients; the Optional[Tensor] list of biases is one leaf
+    # (WushLinear's bias is a buffer: a trainable bias on a grouped layer is not supported by the op's schema)
+    return gx, none, none, None, none, None, None, None, None
+
+
+torch.library.register_autograd("wush::linear", _backward_single, setup_context=_setup_single)
+torch.library.register_autograd("wush::fused_linear", _backward_single, setup_context=_setup_single)
+torch.library.register_autograd("wush::fused_linear_group", _backward_group, setup_context=_setup_group)
