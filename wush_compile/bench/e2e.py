@@ -137,12 +137,14 @@ def model_bytes(model: nn.Module) -> int:
 class Runner:
     """Compiled prefill and decode steps over a static KV cache (one compiled callable per phase)."""
 
-    def __init__(self, model: nn.Module, backend: str, mode: str | None, device) -> None:
+    def __init__(self, model: nn.Module, backend: str, mode: str | None, device, options: dict | None = None) -> None:
         self.model = model
         self.device = device
         kw = dict(backend=backend, fullgraph=True, dynamic=False)
         if mode is not None:
             kw["mode"] = mode
+        if options is not None:
+            kw["options"] = options
 
         def prefill(ids, cache, pos):
             out = model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True)
@@ -262,7 +264,7 @@ def _text_check(model, tok, runner_wush: Runner, fp_tokens: torch.Tensor, s: E2E
     comp_tokens, _, _ = runner_wush.generate(ids, s.text_tokens)
     same = (eager_tokens == comp_tokens)[0]
     first_diff = int((~same).nonzero()[0]) if not bool(same.all()) else None
-    return {
+    out = {
         "prompt": PROMPT,
         "fp": tok.decode(fp_tokens[0]),
         "wush_eager": tok.decode(eager_tokens[0]),
@@ -270,6 +272,25 @@ def _text_check(model, tok, runner_wush: Runner, fp_tokens: torch.Tensor, s: E2E
         "compiled_equals_eager": first_diff is None,
         "first_difference_at": first_diff,
     }
+    # The rewritten graph alone (wush ops, everything else run as traced, no Inductor): must equal eager exactly;
+    # a difference with Inductor then comes from Inductor's fused fp32 arithmetic around the quantizers.
+    torch._dynamo.reset()
+    rewrite_tokens, _, _ = Runner(model, "wush", None, device, options={"inductor": False}).generate(ids, s.text_tokens)
+    out["rewrite_only_equals_eager"] = bool(torch.equal(rewrite_tokens, eager_tokens))
+    if first_diff is not None:
+        # How close the eager model's choice was where the two part: its top-2 logits on the common prefix.
+        prefix = torch.cat([ids, eager_tokens[:, :first_diff]], 1)
+        with torch.no_grad():
+            logits = model(prefix).logits[0, -1].float()
+        top = logits.topk(2)
+        out["eager_top2_at_difference"] = {
+            "tokens": [tok.decode([int(i)]) for i in top.indices],
+            "logits": [float(v) for v in top.values],
+            "gap": float(top.values[0] - top.values[1]),
+            "eager_token": tok.decode([int(eager_tokens[0, first_diff])]),
+            "compiled_token": tok.decode([int(comp_tokens[0, first_diff])]),
+        }
+    return out
 
 
 def _release_compiled() -> None:
