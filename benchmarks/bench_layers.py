@@ -1,7 +1,5 @@
 """Per-layer benchmark (same as ``wush bench --layers``): python benchmarks/bench_layers.py [--out DIR] ..."""
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -10,8 +8,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wush_compile.bench import cli  # noqa: E402
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__)
-    sub = parser.add_subparsers(dest="command")
-    cli.register(sub)
-    sys.exit(cli._run(parser.parse_args(["bench", "--layers", *sys.argv[1:]])))
+    sys.exit(cli.script_main("--layers", __doc__))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -51,3 +52,11 @@ def _run(args: argparse.Namespace) -> int:
     layers.run(layers=args.layer, ms=tuple(args.m or layers.MS), fmts=tuple(args.fmt or layers.FORMATS),
                out_dir=args.out, do_sweep=args.sweep)
     return 0
+
+
+def script_main(flag: str, description: str, argv: list[str] | None = None) -> int:
+    """Entry point of the scripts in benchmarks/: the same as ``wush bench <flag> ARGS``."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=description)
+    register(parser.add_subparsers(dest="command"))
+    return _run(parser.parse_args(["bench", flag, *(sys.argv[1:] if argv is None else argv)]))
