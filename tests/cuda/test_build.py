@@ -28,22 +28,6 @@ from wush_compile.cuda import builder, layout
 
 
 @pytest.fixture(scope="module")
-def toolchain():
-    try:
-        return builder.find_toolchain()
-    except builder.BuildError as exc:
-        pytest.skip(f"cannot build CUDA kernels here: {exc}")
-
-
-@pytest.fixture(scope="module")
-def cuobjdump():
-    path = builder.find_cuobjdump()
-    if path is None:
-        pytest.skip("cuobjdump not found (CUDA toolkit bin/ or triton's bundled copy)")
-    return path
-
-
-@pytest.fixture(scope="module")
 def build_root(request):
     # WUSH_CUDA_TEST_BUILD_ROOT reuses a `python -m wush_compile.cuda.build --out DIR` tree (checked by hash).
     env = os.environ.get("WUSH_CUDA_TEST_BUILD_ROOT")

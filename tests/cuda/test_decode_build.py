@@ -27,22 +27,6 @@ MAX_INSTR_PER_WEIGHT = 3.6
 
 
 @pytest.fixture(scope="module")
-def toolchain():
-    try:
-        return builder.find_toolchain()
-    except builder.BuildError as exc:
-        pytest.skip(f"cannot build CUDA kernels here: {exc}")
-
-
-@pytest.fixture(scope="module")
-def cuobjdump():
-    path = builder.find_cuobjdump()
-    if path is None:
-        pytest.skip("cuobjdump not found (CUDA toolkit bin/ or triton's bundled copy)")
-    return path
-
-
-@pytest.fixture(scope="module")
 def cubin(toolchain, request) -> Path:
     root = Path(request.config.cache.mkdir("wush_cuda_build"))
     d = builder.build(["sm_90a"], out=root, only=["decode_sm90"], toolchain=toolchain)["sm_90a"]
