@@ -124,7 +124,7 @@ class _DerivedCache:
     Keyed by data pointer rather than object identity: compiled code may hand the kernels a fresh view of the same
     buffer. Each entry holds its source alive, so a cached pointer can never be reused by another tensor. Under
     CUDA graphs a derived tensor made lazily during warm-up would land in the graph's memory pool, untracked;
-    :func:`warm` (called by the backend at compile time) makes them beforehand."""
+    the backend makes them beforehand, at compile time (``kernels.prepare``)."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], size: int = 4096):
         self._fn = fn
@@ -148,9 +148,6 @@ class _DerivedCache:
                 self._entries.clear()
             self._entries[key] = (t, t._version, value)
         return value
-
-    def warm(self, t: torch.Tensor) -> None:
-        self(t)
 
     def clear(self) -> None:
         with self._lock:
