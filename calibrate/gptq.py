@@ -68,7 +68,7 @@ def _cholesky_upper_spd(m: torch.Tensor, what: str) -> torch.Tensor:
     ridge = 0.0
     mean_diag = float(torch.diagonal(m).mean())
     for attempt in range(_MAX_DAMP_RETRIES):
-        c, info = torch.linalg.cholesky_ex(m + ridge * mean_diag * torch.eye(m.shape[0], dtype=m.dtype))
+        c, info = torch.linalg.cholesky_ex(m + ridge * mean_diag * torch.eye(m.shape[0], dtype=m.dtype, device=m.device))
         if int(info) == 0:
             if attempt:
                 logger.warning("%s: in-block Cholesky needed a ridge of %.3g", what, ridge)

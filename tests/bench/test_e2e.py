@@ -54,3 +54,40 @@ def test_script_help():
     res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_e2e.py"), "--help"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and "--e2e" in res.stdout, res.stderr
+
+
+class _ByteTokenizer:
+    """Token i = byte i % vocab (enough for the text check's bookkeeping)."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def __call__(self, text, return_tensors="pt"):
+        import types
+
+        import torch
+
+        return types.SimpleNamespace(input_ids=torch.tensor([[b % self.vocab for b in text.encode()]]))
+
+    def decode(self, ids):
+        return " ".join(str(int(i)) for i in ids)
+
+
+def test_text_check_on_tiny_model():
+    import torch
+
+    from wush_compile.config import WushConfig
+
+    device = torch.device("cpu")
+    model = e2e._random_llama(device, torch.float32, None, "tiny")
+    tok = _ByteTokenizer(model.config.vocab_size)
+    s = e2e.E2ESettings(models=("tiny",), text_tokens=6)
+    ids = tok(e2e.PROMPT).input_ids
+    fp_tokens, _, _ = e2e.Runner(model, "", None, device).generate(ids, s.text_tokens)
+    e2e.calibrate_random(model, WushConfig(format="mxfp4", method="rtn", transform="wush"))
+    out = e2e._text_check(model, tok, e2e.Runner(model, "wush", None, device), fp_tokens, s, device)
+    assert out["rewrite_only_equals_eager"] is True
+    assert len(out["wush_eager"].split()) == len(out["wush_compiled"].split()) == s.text_tokens
+    assert out["compiled_equals_eager"] == (out["first_difference_at"] is None)
+    if out["first_difference_at"] is not None:  # the top-2 diagnosis and the precision-cast retry are recorded
+        assert "eager_top2_at_difference" in out and "emulate_precision_casts_first_difference_at" in out

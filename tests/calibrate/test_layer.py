@@ -266,3 +266,30 @@ def test_gptq_group_matches_per_layer(kind):
         assert same > 0.995, float(same)
         assert q.codes.shape == single.codes.shape and q.transform.shape == single.transform.shape
         assert torch.allclose(q.transform, single.transform, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_in_block_cholesky_ridge_on_the_matrix_device(device, caplog):
+    # singular (rank 1): the first factorization fails, the ridge (built on the matrix's device) fixes it
+    from calibrate.gptq import _cholesky_upper_spd
+
+    m = torch.ones(4, 4, dtype=torch.float64, device=device)
+    with caplog.at_level("WARNING", logger="calibrate.gptq"):
+        u = _cholesky_upper_spd(m, "test")
+    assert "needed a ridge" in caplog.text
+    assert u.device.type == device and torch.allclose(u.T @ u, m, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_calibration_on_cuda_matches_cpu(method):
+    x, h = _correlated_data(k=128)
+    lin = _linear(k=128, n=64)
+    cfg = WushConfig(method=method, transform="wush")
+    ref = quantize_linear(lin, h, cfg, inputs=x)
+    got = quantize_linear(lin.cuda(), h.cuda(), cfg, inputs=x.cuda())
+    assert got.transform.device.type == "cuda"
+    # the same weights to fp64 linear-algebra rounding: reconstructions within a small fraction of a code step
+    assert _rel(got.dequantized_weight().cpu(), ref.dequantized_weight()) < 1e-2
+    xe = torch.randn(8, 128)
+    assert _rel(got(xe.cuda()).cpu(), ref(xe)) < 5e-2
