@@ -91,3 +91,24 @@ def test_text_check_on_tiny_model():
     assert out["compiled_equals_eager"] == (out["first_difference_at"] is None)
     if out["first_difference_at"] is not None:  # the top-2 diagnosis and the precision-cast retry are recorded
         assert "eager_top2_at_difference" in out and "emulate_precision_casts_first_difference_at" in out
+
+
+def test_a_failing_model_keeps_partial_results(tmp_path, monkeypatch):
+    def half_done(name, s, device, out=None):
+        out["model"] = name
+        out["bf16"] = {"label": "bf16", "prefill_tok_s": 1.0}
+        raise RuntimeError("boom after bf16")
+
+    monkeypatch.setattr(e2e, "run_model", half_done)
+    with pytest.raises(RuntimeError, match=r"\['tiny'\] failed .*boom after bf16"):
+        e2e.run(e2e.E2ESettings(models=("tiny",)), out_dir=tmp_path, log=lambda msg: None)
+    (r,) = json.loads((tmp_path / "e2e.json").read_text())["results"]
+    assert r["bf16"]["prefill_tok_s"] == 1.0 and "boom" in r["error"]
+
+
+def test_runner_takes_mode_and_options_together():
+    import torch
+
+    model = e2e._random_llama(torch.device("cpu"), torch.float32, None, "tiny")
+    # torch.compile itself refuses mode= with options=; the runner folds the mode into the options
+    e2e.Runner(model, "inductor", "reduce-overhead", torch.device("cpu"), options={"emulate_precision_casts": True})

@@ -144,10 +144,11 @@ class Runner:
         self.device = device
         self.mode = mode
         kw = dict(backend=backend, fullgraph=True, dynamic=False)
-        if mode is not None:
-            kw["mode"] = mode
         if options is not None:
-            kw["options"] = options
+            # torch.compile takes mode= or options=, not both: fold the mode's settings into the options
+            kw["options"] = (torch._inductor.list_mode_options(mode) if mode is not None else {}) | options
+        elif mode is not None:
+            kw["mode"] = mode
 
         def prefill(ids, cache, pos):
             out = model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True)
@@ -326,10 +327,12 @@ def _release_compiled() -> None:
         torch.cuda.empty_cache()
 
 
-def run_model(name: str, s: E2ESettings, device) -> dict:
+def run_model(name: str, s: E2ESettings, device, out: dict | None = None) -> dict:
+    """Measure one model; results go into ``out`` as they come (a failure late in the run keeps the rest)."""
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    out: dict = {"model": name}
+    out = {} if out is None else out
+    out["model"] = name
     if name == "smollm2":
         # The real model: greedy text of full precision, eager wush and compiled wush (speed too on a GPU).
         from calibrate import calibrate
@@ -444,13 +447,26 @@ def run(s: E2ESettings, out_dir: Path | None = None, log: Callable[[str], None] 
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+    failed = []
     for name in s.models:
-        results.append(run_model(name, s, device))
+        results.append({})
+        try:
+            run_model(name, s, device, out=results[-1])
+        except Exception as e:  # keep what this model measured and go on with the next; fail at the end
+            logger.exception("e2e: %s failed", name)
+            results[-1]["error"] = f"{type(e).__name__}: {e}"
+            failed.append(name)
+            _release_compiled()
         log(format_table(results[-1:]))
         log(format_profiles(results[-1]))
+        if "text" in results[-1]:
+            log("greedy text:\n" + "\n".join(f"  {k}: {v}" for k, v in results[-1]["text"].items()))
         if out_dir is not None:  # after every model, so a cut-off run keeps what it measured
             common.save_json(out_dir / "e2e.json", out)
     log("\n" + format_table(results))
     if out_dir is not None:
         plot(results, out_dir / "e2e.png")
+    if failed:
+        raise RuntimeError(f"e2e: {failed} failed (partial results kept{' in ' + str(out_dir) if out_dir else ''}): "
+                           + "; ".join(r["error"] for r in results if "error" in r))
     return out
