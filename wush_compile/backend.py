@@ -7,6 +7,12 @@ Resolves by name through the ``torch_dynamo_backends`` entry point (no import ne
     options={"kernel": "triton_decode"}   pin the kernel (a KernelChoice value; default "auto")
     options={"group": False}              do not group layers sharing an input and a transform
     options={"inductor": False}           run the rewritten FX graph eagerly instead of Inductor (debugging)
+
+A graph with rewritten layers is compiled with Inductor's ``emulate_precision_casts=True`` unless ``options`` sets
+it: Inductor then rounds bf16/fp16 intermediates (norms, rotary, residuals) where eager rounds them. An FP4
+quantizer turns a one-ulp difference in its input into a whole code step, so without this the compiled model's
+greedy text parts from eager's within a few tokens (SmolLM2, bf16, H100: token 4 without, 48 of 48 equal with;
+benchmarks/RESULTS.md). Graphs without calibrated layers get Inductor's defaults.
 """
 
 from __future__ import annotations
@@ -152,6 +158,7 @@ def wush_backend(
     _emit(result)
     if result.rewritten:
         _prepare_devices(gm, example_inputs)
+        config_patches.setdefault("emulate_precision_casts", True)
     if not opts.inductor:
         return gm.forward
     from torch._inductor.compile_fx import compile_fx

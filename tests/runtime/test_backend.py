@@ -187,6 +187,26 @@ def test_compiled_matches_eager_and_no_reference_op_in_generated_code():
     FileCheck().check_not("wush.linear.default").check_not("ops.wush.linear(").run(code)
 
 
+def test_bf16_compiled_logits_are_eager_logits_bit_for_bit():
+    # Inductor rounds bf16 intermediates as eager does (emulate_precision_casts, the backend's default where layers
+    # were rewritten): the FP4 quantizers then see the same inputs and the logits are identical. Without it they
+    # are not (a one-ulp difference before a quantizer is a whole FP4 step after it).
+    from wush_compile.bench import e2e
+
+    model = e2e._random_llama(torch.device("cpu"), torch.bfloat16, None, "tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+    e2e.calibrate_random(model, wush_compile.WushConfig(format="mxfp4", method="rtn", transform="wush"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert torch.equal(torch.compile(model, backend="wush", fullgraph=True)(ids).logits, ref)
+        torch._dynamo.reset()
+        plain = torch.compile(model, backend="wush", options={"emulate_precision_casts": False})(ids).logits
+    assert not torch.equal(plain, ref)
+
+
 def test_uncalibrated_model_compiles_to_plain_inductor_with_note(caplog):
     mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
     x = _x(4, 16)

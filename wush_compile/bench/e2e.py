@@ -297,13 +297,6 @@ def _text_check(model, tok, runner_wush: Runner, fp_tokens: torch.Tensor, s: E2E
     rewrite_tokens, _, _ = Runner(model, "wush", None, device, options={"inductor": False}).generate(ids, s.text_tokens)
     out["rewrite_only_equals_eager"] = bool(torch.equal(rewrite_tokens, eager_tokens))
     if first_diff is not None:
-        # Inductor asked to round low-precision intermediates as eager does: does that restore the eager tokens?
-        torch._dynamo.reset()
-        emu = Runner(model, "wush", runner_wush.mode, device, options={"emulate_precision_casts": True})
-        emu_tokens, _, _ = emu.generate(ids, s.text_tokens)
-        emu_same = (emu_tokens == eager_tokens)[0]
-        out["emulate_precision_casts_first_difference_at"] = (
-            None if bool(emu_same.all()) else int((~emu_same).nonzero()[0]))
         # How close the eager model's choice was where the two part: its top-2 logits on the common prefix.
         prefix = torch.cat([ids, eager_tokens[:, :first_diff]], 1)
         with torch.no_grad():
