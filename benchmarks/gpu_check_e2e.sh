@@ -23,5 +23,5 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   timeout ${T_TESTS:-240} $PY -m pytest -q -p no:cacheprovider -m gpu tests/runtime/test_gpu.py -rs 2>&1 \
     | tee "$OUT/tests_runtime.log" | tail -20
 fi
-timeout ${T_BENCH:-560} $PY -m wush_compile.cli bench --e2e --out "$OUT" "$@" 2>&1 | grep -v "it/s\]" \
+timeout ${T_BENCH:-560} $PY -m wush_compile.cli bench --e2e --out "$OUT" "$@" 2>&1 | grep --line-buffered -v "it/s\]" \
   | tee "$OUT/e2e.log" | tail -30

@@ -24,7 +24,8 @@ def test_settings_are_validated():
 
 def test_tiny_model_end_to_end(tmp_path):
     pytest.importorskip("matplotlib")
-    s = e2e.E2ESettings(models=("tiny",), prompt_len=16, new_tokens=4, batches=(1, 2), profile=True, profile_steps=3)
+    s = e2e.E2ESettings(models=("tiny",), prompt_len=16, new_tokens=4, batches=(1, 2), profile=True, profile_steps=3,
+                        also_triton_decode=True)
     logged = []
     out = e2e.run(s, out_dir=tmp_path, log=logged.append)
     (r,) = out["results"]
@@ -39,6 +40,11 @@ def test_tiny_model_end_to_end(tmp_path):
     assert saved["results"][0]["model"] == "tiny" and "environment" in saved
     assert (tmp_path / "e2e.png").stat().st_size > 0
     assert "tiny" in e2e.format_table(out["results"])
+    # the extra variant (Triton decode kernels) is measured, tabled and profiled; the CUDA route is restored
+    from wush_compile.ops import kernels
+
+    assert r["wush[triton decode]"]["decode_b1_tok_s"] > 0 and kernels.CUDA_DECODE is True
+    assert "Triton decode" in e2e.format_table(out["results"])
     # the profile: every phase of both variants, and the wush variant spends time in the wush ops
     for variant in ("bf16", "wush"):
         prof = r[variant]["profile"]
@@ -94,7 +100,7 @@ def test_text_check_on_tiny_model():
 
 
 def test_a_failing_model_keeps_partial_results(tmp_path, monkeypatch):
-    def half_done(name, s, device, out=None):
+    def half_done(name, s, device, out=None, checkpoint=None):
         out["model"] = name
         out["bf16"] = {"label": "bf16", "prefill_tok_s": 1.0}
         raise RuntimeError("boom after bf16")

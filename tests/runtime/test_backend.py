@@ -187,18 +187,19 @@ def test_compiled_matches_eager_and_no_reference_op_in_generated_code():
     FileCheck().check_not("wush.linear.default").check_not("ops.wush.linear(").run(code)
 
 
-def test_bf16_compiled_logits_are_eager_logits_bit_for_bit():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_compiled_logits_are_eager_logits_bit_for_bit(device):
     # Inductor rounds bf16 intermediates as eager does (emulate_precision_casts, the backend's default where layers
     # were rewritten): the FP4 quantizers then see the same inputs and the logits are identical. Without it they
     # are not (a one-ulp difference before a quantizer is a whole FP4 step after it).
     from wush_compile.bench import e2e
 
-    model = e2e._random_llama(torch.device("cpu"), torch.bfloat16, None, "tiny")
+    model = e2e._random_llama(torch.device(device), torch.bfloat16, None, "tiny")
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.2)
     e2e.calibrate_random(model, wush_compile.WushConfig(format="mxfp4", method="rtn", transform="wush"))
-    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         ref = model(ids).logits
         assert torch.equal(torch.compile(model, backend="wush", fullgraph=True)(ids).logits, ref)

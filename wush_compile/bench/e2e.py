@@ -60,6 +60,8 @@ class E2ESettings:
     text_tokens: int = 48  # greedy tokens shown for the real model
     profile: bool = False  # after timing: where the time of a prefill and of decode steps goes (bench/profile.py)
     profile_steps: int = 16
+    # also measure the wush model with the Triton decode kernels where the CUDA decode kernels would run
+    also_triton_decode: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", Format.parse(self.fmt))
@@ -320,8 +322,10 @@ def _release_compiled() -> None:
         torch.cuda.empty_cache()
 
 
-def run_model(name: str, s: E2ESettings, device, out: dict | None = None) -> dict:
-    """Measure one model; results go into ``out`` as they come (a failure late in the run keeps the rest)."""
+def run_model(name: str, s: E2ESettings, device, out: dict | None = None,
+              checkpoint: Callable[[], None] = lambda: None) -> dict:
+    """Measure one model; results go into ``out`` as they come and ``checkpoint()`` runs after each variant (a
+    failure or a time limit late in the run keeps the rest)."""
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     out = {} if out is None else out
@@ -356,6 +360,7 @@ def run_model(name: str, s: E2ESettings, device, out: dict | None = None) -> dic
         vocab = model.config.vocab_size
         out["note"] = "random weights, RTN with random Hessians: speed only, outputs are meaningless"
         out["bf16"] = measure(model, "inductor", s, vocab, device, "bf16")
+        checkpoint()
         _release_compiled()
         cfg = WushConfig(format=s.fmt, method=Method.RTN, transform=TransformKind.WUSH)
         t0 = time.perf_counter()
@@ -364,6 +369,17 @@ def run_model(name: str, s: E2ESettings, device, out: dict | None = None) -> dic
         gc.collect()
         torch.cuda.empty_cache() if on_gpu else None
         out["wush"] = measure(model, "wush", s, vocab, device, f"wush {s.fmt.value}")
+        if s.also_triton_decode:
+            checkpoint()
+            _release_compiled()
+            from ..ops import kernels
+
+            old, kernels.CUDA_DECODE = kernels.CUDA_DECODE, False
+            try:
+                out["wush[triton decode]"] = measure(model, "wush", s, vocab, device,
+                                                     f"wush {s.fmt.value}, Triton decode")
+            finally:
+                kernels.CUDA_DECODE = old
     if "bf16" in out and "wush" in out:
         b, w = out["bf16"], out["wush"]
         out["ratios"] = {k: w[k] / b[k] for k in b if k.endswith("tok_s")}
@@ -383,7 +399,7 @@ def format_table(results: list[dict]) -> str:
         "compile_s", "peak_mem_gib", "model_bytes"]
     lines = ["| model | variant | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for r in results:
-        for variant in ("bf16", "wush"):
+        for variant in ["bf16", "wush"] + [k for k in r if k.startswith("wush[")]:
             row = r[variant]
             cells = []
             for c in cols:
@@ -400,7 +416,7 @@ def format_profiles(result: dict) -> str:
     from .profile import format_profile
 
     lines = []
-    for variant in ("bf16", "wush"):
+    for variant in ["bf16", "wush"] + [k for k in result if k.startswith("wush[")]:
         for phase, p in result.get(variant, {}).get("profile", {}).items():
             lines.append(format_profile(f"{result['model']} {result[variant]['label']} {phase}", p))
     return "\n".join(lines)
@@ -440,11 +456,15 @@ def run(s: E2ESettings, out_dir: Path | None = None, log: Callable[[str], None] 
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+    def save() -> None:
+        if out_dir is not None:
+            common.save_json(out_dir / "e2e.json", out)
+
     failed = []
     for name in s.models:
         results.append({})
         try:
-            run_model(name, s, device, out=results[-1])
+            run_model(name, s, device, out=results[-1], checkpoint=save)
         except Exception as e:  # keep what this model measured and go on with the next; fail at the end
             logger.exception("e2e: %s failed", name)
             results[-1]["error"] = f"{type(e).__name__}: {e}"
@@ -454,8 +474,7 @@ def run(s: E2ESettings, out_dir: Path | None = None, log: Callable[[str], None] 
         log(format_profiles(results[-1]))
         if "text" in results[-1]:
             log("greedy text:\n" + "\n".join(f"  {k}: {v}" for k, v in results[-1]["text"].items()))
-        if out_dir is not None:  # after every model, so a cut-off run keeps what it measured
-            common.save_json(out_dir / "e2e.json", out)
+        save()  # after every model (and every variant), so a cut-off run keeps what it measured
     log("\n" + format_table(results))
     if out_dir is not None:
         plot(results, out_dir / "e2e.png")
