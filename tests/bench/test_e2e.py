@@ -25,7 +25,7 @@ def test_settings_are_validated():
 def test_tiny_model_end_to_end(tmp_path):
     pytest.importorskip("matplotlib")
     s = e2e.E2ESettings(models=("tiny",), prompt_len=16, new_tokens=4, batches=(1, 2), profile=True, profile_steps=3,
-                        also_triton_decode=True)
+                        also_cuda_decode=True)
     logged = []
     out = e2e.run(s, out_dir=tmp_path, log=logged.append)
     (r,) = out["results"]
@@ -40,11 +40,11 @@ def test_tiny_model_end_to_end(tmp_path):
     assert saved["results"][0]["model"] == "tiny" and "environment" in saved
     assert (tmp_path / "e2e.png").stat().st_size > 0
     assert "tiny" in e2e.format_table(out["results"])
-    # the extra variant (Triton decode kernels) is measured, tabled and profiled; the CUDA route is restored
+    # the extra variant (CUDA decode kernels) is measured, tabled and profiled; the default is restored
     from wush_compile.ops import kernels
 
-    assert r["wush[triton decode]"]["decode_b1_tok_s"] > 0 and kernels.CUDA_DECODE is True
-    assert "Triton decode" in e2e.format_table(out["results"])
+    assert r["wush[cuda decode]"]["decode_b1_tok_s"] > 0 and kernels.CUDA_DECODE is False
+    assert "CUDA decode" in e2e.format_table(out["results"])
     # the profile: every phase of both variants, and the wush variant spends time in the wush ops
     for variant in ("bf16", "wush"):
         prof = r[variant]["profile"]

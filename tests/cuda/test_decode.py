@@ -480,8 +480,12 @@ def test_gpu_triton_decode_route_uses_the_cuda_kernels(monkeypatch):
     calls = []
     real = decode.linear
     monkeypatch.setattr(decode, "linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert kernels.CUDA_DECODE is False  # opt-in
+    kernels.linear(x, codes, scales, t, w_gs, a_gs, None, fmt, "triton_decode")
+    assert not calls, "off by default: the Triton decode kernels run"
+    monkeypatch.setattr(kernels, "CUDA_DECODE", True)
     y = kernels.linear(x, codes, scales, t, w_gs, a_gs, None, fmt, "triton_decode")
-    assert calls, "TRITON_DECODE on sm_90 runs the CUDA decode kernels"
+    assert calls, "TRITON_DECODE on sm_90 runs the CUDA decode kernels once turned on"
     monkeypatch.setenv("WUSH_DISABLE_CUDA_DECODE", "1")
     y_triton = kernels.linear(x, codes, scales, t, w_gs, a_gs, None, fmt, "triton_decode")
     assert len(calls) == 1

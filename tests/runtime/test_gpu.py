@@ -177,7 +177,7 @@ def test_reduce_overhead_split_k_layer():
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
-def test_reduce_overhead_cuda_decode_bf16_operands(fmt):
+def test_reduce_overhead_cuda_decode_bf16_operands(fmt, monkeypatch):
     """A decode-size bf16 layer with a bias on the Hopper CUDA decode route (K % 256 == 0) under CUDA graphs: the
     fp32 copies of its bf16 transform and bias are made at compile time, not lazily inside the graph's memory
     pool (which cudagraph trees reject as untracked live allocations)."""
@@ -185,6 +185,9 @@ def test_reduce_overhead_cuda_decode_bf16_operands(fmt):
 
     if torch.cuda.get_device_capability() != (9, 0) or not cuda_decode.available()[0]:
         pytest.skip("needs sm_90 with the CUDA decode kernels")
+    from wush_compile.ops import kernels
+
+    monkeypatch.setattr(kernels, "CUDA_DECODE", True)  # opt-in route
     torch.manual_seed(0)
     layers = torch.nn.Sequential(*(
         wush_linear_from(torch.nn.Linear(512, 512, bias=True).to(torch.bfloat16), fmt, "hadamard") for _ in range(3)

@@ -60,8 +60,8 @@ class E2ESettings:
     text_tokens: int = 48  # greedy tokens shown for the real model
     profile: bool = False  # after timing: where the time of a prefill and of decode steps goes (bench/profile.py)
     profile_steps: int = 16
-    # also measure the wush model with the Triton decode kernels where the CUDA decode kernels would run
-    also_triton_decode: bool = False
+    # also measure the wush model with the Hopper CUDA decode kernels (opt-in: kernels.CUDA_DECODE)
+    also_cuda_decode: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", Format.parse(self.fmt))
@@ -369,15 +369,14 @@ def run_model(name: str, s: E2ESettings, device, out: dict | None = None,
         gc.collect()
         torch.cuda.empty_cache() if on_gpu else None
         out["wush"] = measure(model, "wush", s, vocab, device, f"wush {s.fmt.value}")
-        if s.also_triton_decode:
+        if s.also_cuda_decode:
             checkpoint()
             _release_compiled()
             from ..ops import kernels
 
-            old, kernels.CUDA_DECODE = kernels.CUDA_DECODE, False
+            old, kernels.CUDA_DECODE = kernels.CUDA_DECODE, True
             try:
-                out["wush[triton decode]"] = measure(model, "wush", s, vocab, device,
-                                                     f"wush {s.fmt.value}, Triton decode")
+                out["wush[cuda decode]"] = measure(model, "wush", s, vocab, device, f"wush {s.fmt.value}, CUDA decode")
             finally:
                 kernels.CUDA_DECODE = old
     if "bf16" in out and "wush" in out:

@@ -11,7 +11,9 @@
 :func:`linear` has the signature of :func:`wush_compile.ops.reference.linear_ref`; the Triton launcher
 (``wush_compile.ops.kernels.linear(..., kernel=TRITON_DECODE)``) routes small M here when :func:`available` says
 so. Nothing here synchronizes the host; after one warm-up call per shape both launches can be captured in a CUDA
-graph. ``WUSH_DISABLE_CUDA_DECODE=1`` turns the path off (with that reason).
+graph. The route is opt-in (``WUSH_CUDA_DECODE=1`` or ``wush_compile.ops.kernels.CUDA_DECODE = True``: end to
+end the Triton decode kernels measured faster, see ``kernels.CUDA_DECODE``); ``WUSH_DISABLE_CUDA_DECODE=1`` turns
+it off even then (with that reason).
 
 Layout (shared with the CUDA source; the CPU tests emulate the fragment mapping with it): a 32-column chunk of a
 token row is one 16-byte record per lane (lane = 4 * (token % 8) + t4) holding columns 8 * t4 + SLOT_K[h] in

@@ -65,8 +65,12 @@ FP8_N_ALIGN = 16
 _LARGE_LAYER = 1 << 25
 #: Largest number of split-K tiles (counters) one device keeps.
 _MAX_LOCKS = 1 << 16
-#: Decode on sm_90 runs the CUDA kernels of wush_compile.cuda.decode where they apply (see _cuda_decode_reason).
-CUDA_DECODE = True
+#: Decode on sm_90 runs the CUDA kernels of wush_compile.cuda.decode where they apply (see _cuda_decode_reason)
+#: only when this is True (``WUSH_CUDA_DECODE=1``). Off by default: per layer in isolation they beat the Triton
+#: decode kernels (1.32x vs 1.22x bf16, geomean), but end to end under CUDA graphs the Triton route was faster
+#: (Llama-3.1-8B shape, H100, 2026-11-23: 179.3 vs 169.4 tok/s at batch 1, 2051 vs 2002 at batch 16; the
+#: CUDA activation kernel alone took 6.0 us per call there against Triton's 2.8 us; benchmarks/RESULTS.md).
+CUDA_DECODE = os.environ.get("WUSH_CUDA_DECODE", "0") not in ("", "0")
 
 
 def triton_available() -> tuple[bool, str]:
@@ -466,7 +470,7 @@ def _note_decode_fallback(reason: str) -> None:
 def _cuda_decode_reason(x: torch.Tensor, n: int, f: Format) -> str | None:
     """None when the CUDA decode kernels take this call, else why not (CUDA tensors only)."""
     if not CUDA_DECODE:
-        return "kernels.CUDA_DECODE is False"
+        return "the CUDA decode kernels are off by default (WUSH_CUDA_DECODE=1 or kernels.CUDA_DECODE = True)"
     if _interpreting():
         return "the Triton interpreter is active"
     from ..cuda import decode as cuda_decode
