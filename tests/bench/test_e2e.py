@@ -118,3 +118,20 @@ def test_runner_takes_mode_and_options_together():
     model = e2e._random_llama(torch.device("cpu"), torch.float32, None, "tiny")
     # torch.compile itself refuses mode= with options=; the runner folds the mode into the options
     e2e.Runner(model, "inductor", "reduce-overhead", torch.device("cpu"), options={"emulate_precision_casts": True})
+
+
+def test_shared_transform_random_model_is_grouped():
+    import torch
+
+    from wush_compile import explain
+    from wush_compile.config import WushConfig
+
+    model = e2e._random_llama(torch.device("cpu"), torch.float32, None, "tiny")
+    n = e2e.calibrate_random(model, WushConfig(format="mxfp4", method="rtn", transform="wush", shared_transform=True))
+    assert n == 2 * 7
+    layer = model.model.layers[0]
+    assert torch.equal(layer.self_attn.q_proj.transform, layer.self_attn.v_proj.transform)
+    assert layer.mlp.gate_proj.share_group == layer.mlp.up_proj.share_group == "model.layers.0.gate_proj+up_proj"
+    report = explain(model, torch.randint(0, 500, (1, 8)))
+    assert report.rewritten == n
+    assert len({r.group for r in report.rows if r.group}) == 2 * 2  # q/k/v and gate/up per layer

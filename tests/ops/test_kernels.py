@@ -310,3 +310,31 @@ def test_gpu_real_smollm2_layers():
                 wnz = ws > 0
                 wspread = (torch.where(wnz, we, -1000).amax(1) - torch.where(wnz, we, 1000).amin(1)).max()
                 print(f"  exponent spread per row: activations max {int(spread)}, weights max {int(wspread)}")
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_decode_group_quantizes_once_and_matches_members(fmt, monkeypatch):
+    """Members sharing x and a transform on the decode route: one transform + quantize launch for the group, and
+    each member's output equals its own linear bit for bit."""
+    gen = torch.Generator().manual_seed(21)
+    g = _g(fmt)
+    m, k, ns = 3, 256, (48, 16, 16)
+    if DEV == "cuda":
+        m, k, ns = 2, 1024, (1024, 256, 256)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
+    t = torch.linalg.qr(torch.randn(k // g, g, g, generator=gen))[0].to(torch.bfloat16).to(DEV)
+    members = [_weights(n, k, fmt, gen) for n in ns]
+    biases = [None, torch.randn(ns[1], generator=gen).to(torch.bfloat16).to(DEV), None]
+    a_gs = _act_gs(fmt)
+    launches = []
+    real = kernels.quantize_act_f16
+    monkeypatch.setattr(kernels, "quantize_act_f16", lambda *a, **kw: launches.append(1) or real(*a, **kw))
+    outs = kernels.linear_group(x, [c for c, _, _ in members], [s for _, s, _ in members], t,
+                                [w for _, _, w in members], a_gs, biases, fmt, "triton_decode")
+    assert len(launches) == 1
+    for (c, s, w), b, y in zip(members, biases, outs):
+        assert torch.equal(y, kernels.linear(x, c, s, t, w, a_gs, b, fmt, "triton_decode"))
+    assert len(launches) == 1 + len(members)
+    # other routes: not grouped here (the op runs each member)
+    assert kernels.linear_group(x, [members[0][0]], [members[0][1]], t, [members[0][2]], a_gs, [None], fmt,
+                                "triton_bf16") is None

@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, action="append", default=None, help="--e2e decode batch sizes (default 1 16)")
     p.add_argument("--profile", action="store_true",
                    help="--e2e: also profile one prefill and 16 decode steps (kernels by category, time outside GEMMs)")
+    p.add_argument("--shared-transform", action="store_true",
+                   help="--e2e random models: one transform per input group (q/k/v, gate/up), so the backend groups them")
     p.add_argument("--also-cuda-decode", action="store_true",
                    help="--e2e: also measure the wush model with the Hopper CUDA decode kernels (opt-in) instead of Triton's")
     p.add_argument("--layer", action="append", default=None,
@@ -44,7 +46,8 @@ def _run(args: argparse.Namespace) -> int:
         settings = e2e.E2ESettings(
             models=tuple(args.model or e2e.E2ESettings.models), fmt=(args.fmt or ["mxfp4"])[0],
             prompt_len=args.prompt_len, new_tokens=args.new_tokens, batches=tuple(args.batch or (1, 16)),
-            profile=args.profile, also_cuda_decode=args.also_cuda_decode)
+            profile=args.profile, also_cuda_decode=args.also_cuda_decode,
+            shared_transform=args.shared_transform)
         e2e.run(settings, out_dir=args.out, log=print)
         if not args.layers:
             return 0

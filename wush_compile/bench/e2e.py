@@ -60,6 +60,8 @@ class E2ESettings:
     text_tokens: int = 48  # greedy tokens shown for the real model
     profile: bool = False  # after timing: where the time of a prefill and of decode steps goes (bench/profile.py)
     profile_steps: int = 16
+    # one transform per group of Linears sharing an input (q/k/v, gate/up): the backend groups them (random models)
+    shared_transform: bool = False
     # also measure the wush model with the Hopper CUDA decode kernels (opt-in: kernels.CUDA_DECODE)
     also_cuda_decode: bool = False
 
@@ -109,20 +111,29 @@ def _random_hessian(k: int, device, gen: torch.Generator) -> torch.Tensor:
 
 
 def calibrate_random(model: nn.Module, config: WushConfig, seed: int = 0) -> int:
-    """RTN with random Hessians for every decoder Linear (lm_head stays high precision). Returns the count."""
-    from calibrate import quantize_linear
+    """RTN with random Hessians for every decoder Linear (lm_head stays high precision), one Hessian per group of
+    Linears reading the same input (and one transform for the group with ``config.shared_transform``, so the
+    backend can group them). Returns the count."""
+    from calibrate.architectures import decoder_layers, get_architecture
+    from calibrate.pipeline import _quantize_group
     from tqdm.auto import tqdm
 
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"]
-    for name in tqdm(names, desc="RTN (random Hessians)", unit="layer"):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
-        h = _random_hessian(linear.in_features, linear.weight.device, gen)
-        setattr(parent, child, quantize_linear(linear, h, config, name=name))
-        del linear, h
-    return len(names)
+    arch = get_architecture(model)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    count = 0
+    for i, block in enumerate(tqdm(decoder_layers(model, arch), desc="RTN (random Hessians)", unit="block")):
+        for group in arch.groups:
+            members = [(f"{arch.layers_path}.{i}.{path}", path, block.get_submodule(path)) for path in group]
+            h = _random_hessian(members[0][2].in_features, device, gen)
+            modules = _quantize_group(members, h, None, config, members[0][2].weight.dtype, device,
+                                      f"{arch.layers_path}.{i}.{'+'.join(p.rpartition('.')[2] for p in group)}")
+            for (_, path, _), wl in zip(members, modules):
+                parent, _, child = path.rpartition(".")
+                setattr(block.get_submodule(parent) if parent else block, child, wl)
+            count += len(members)
+            del h
+    return count
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -362,7 +373,8 @@ def run_model(name: str, s: E2ESettings, device, out: dict | None = None,
         out["bf16"] = measure(model, "inductor", s, vocab, device, "bf16")
         checkpoint()
         _release_compiled()
-        cfg = WushConfig(format=s.fmt, method=Method.RTN, transform=TransformKind.WUSH)
+        cfg = WushConfig(format=s.fmt, method=Method.RTN, transform=TransformKind.WUSH,
+                         shared_transform=s.shared_transform)
         t0 = time.perf_counter()
         out["quantized_layers"] = calibrate_random(model, cfg)
         out["calibration_s"] = time.perf_counter() - t0

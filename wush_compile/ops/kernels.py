@@ -636,6 +636,41 @@ def _bf16_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, o
 _MX_GS_CPU = torch.tensor(formats.MXFP4_GLOBAL_SCALE, dtype=torch.float32)
 
 
+def linear_group(
+    x: torch.Tensor,
+    codes: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
+    transform: torch.Tensor,
+    w_global_scales: Sequence[torch.Tensor],
+    a_global_scale: torch.Tensor,
+    biases: Sequence[torch.Tensor | None],
+    fmt: str,
+    kernel: KernelChoice | str,
+) -> list[torch.Tensor] | None:
+    """Members sharing x (M, K) and one transform, on the Triton decode route: x is transformed and quantized
+    once, then one GEMV per member reads that operand (outputs equal each member's :func:`linear` bit for bit).
+    None where this does not apply (other routes, the CUDA decode kernels, the fused-prologue tiles): the caller
+    then runs each member on its own. Arguments are checked by the op."""
+    f = Format.parse(fmt)
+    if KernelChoice.parse(kernel) is not KernelChoice.TRITON_DECODE or x.shape[0] == 0:
+        return None
+    m, k = x.shape
+    if x.device.type == "cuda" and any(_cuda_decode_reason(x, c.shape[0], f) is None for c in codes):
+        return None
+    sms = _sm_count(x.device)
+    cfgs = [linear_tiles(m, c.shape[0], k, f, sms) for c in codes]
+    if len({c.block_k for c in cfgs}) != 1:  # one operand needs one K step: the smallest fits every member
+        step = min(c.block_k for c in cfgs)
+        cfgs = [linear_tiles(m, c.shape[0], k, f, sms, block_k=step) for c in codes]
+    if any(c.fused_act for c in cfgs):
+        return None
+    a_sa = quantize_act_f16(x.contiguous(), transform.contiguous(), a_global_scale, f.value, cfgs[0].block_k)
+    return [
+        _gemv_only(a_sa, c.contiguous(), s.contiguous(), g, a_global_scale, f, cfg, b, x.dtype)
+        for c, s, g, b, cfg in zip(codes, scales, w_global_scales, biases, cfgs)
+    ]
+
+
 def linear(
     x: torch.Tensor,
     w_codes: torch.Tensor,

@@ -438,12 +438,10 @@ def _fused_linear_group_impl(x, weight_codes, weight_scales, transform, wgs, ags
     outs = None
     kernels = _kernels() if choice in dispatch.TRITON_CHOICES else None
     if kernels is not None:
-        group_fn = getattr(kernels, "linear_group", None)
-        if group_fn is not None:
-            outs = group_fn(x2.contiguous(), list(weight_codes), list(weight_scales), transform, list(wgs), ags,
-                            list(biases), fmt, choice)
-        else:
-            # No grouped launcher: each member's fused kernel quantizes x in its own prologue.
+        # The decode route quantizes x once for the group; elsewhere each member's kernel quantizes it itself.
+        outs = kernels.linear_group(x2.contiguous(), list(weight_codes), list(weight_scales), transform, list(wgs),
+                                    ags, list(biases), fmt, choice)
+        if outs is None:
             outs = [
                 kernels.linear(x2.contiguous(), c, s, transform, g, ags, b, fmt, choice)
                 for c, s, g, b in zip(weight_codes, weight_scales, wgs, biases)
