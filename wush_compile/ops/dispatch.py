@@ -13,6 +13,10 @@ Policy (INTERFACES.md):
     CUDA, NVFP4, M > DECODE_MAX_M          -> TRITON_BF16 (exact bf16 dequantization + bf16 MMA)
     CUDA below MIN_TRITON_CAPABILITY      -> REFERENCE
 
+TRITON_DECODE on sm_90 runs the Hopper CUDA decode kernels (``wush_compile.cuda.decode``) instead of Triton's
+only when asked (``WUSH_CUDA_DECODE=1``): end to end under CUDA graphs the Triton ones measured faster
+(``kernels.CUDA_DECODE``).
+
 A pinned choice (``wush_compile.pin_kernel`` or ``options={"kernel": ...}``) wins when it can run; when it
 cannot (wrong format, wrong device, kernels missing) the automatic choice runs instead and the reason says
 why - a fallback is never silent.
