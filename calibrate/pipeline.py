@@ -168,6 +168,11 @@ class _ErrorMeter:
         return 0.0 if self.num == 0 else math.inf
 
 
+def group_name(prefix: str, paths) -> str:
+    """The share-group name of a block's Linears: ``model.layers.3.q_proj+k_proj+v_proj``."""
+    return f"{prefix}.{'+'.join(p.rpartition('.')[2] for p in paths)}"
+
+
 def _quantize_group(
     members: list[tuple[str, str, nn.Linear]],
     hessian: torch.Tensor | None,
@@ -311,7 +316,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushCon
         meters: list[tuple[str, nn.Module, _ErrorMeter]] = []
         for members in groups:
             leader = members[0][0]
-            group_name = f"{prefix}.{'+'.join(p.rpartition('.')[2] for _, p, _ in members)}"
+            gname = group_name(prefix, [p for _, p, _ in members])
             modules = _quantize_group(
                 members,
                 accs[leader].mean() if needs_capture else None,
@@ -319,7 +324,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushCon
                 config,
                 dtype,
                 device,
-                group_name,
+                gname,
             )
             for (full, path, lin), wl in zip(members, modules):
                 meters.append((full, wl, _ErrorMeter(lin)))

@@ -115,7 +115,7 @@ def calibrate_random(model: nn.Module, config: WushConfig, seed: int = 0) -> int
     Linears reading the same input (and one transform for the group with ``config.shared_transform``, so the
     backend can group them). Returns the count."""
     from calibrate.architectures import decoder_layers, get_architecture
-    from calibrate.pipeline import _quantize_group
+    from calibrate.pipeline import _quantize_group, group_name
     from tqdm.auto import tqdm
 
     arch = get_architecture(model)
@@ -127,7 +127,7 @@ def calibrate_random(model: nn.Module, config: WushConfig, seed: int = 0) -> int
             members = [(f"{arch.layers_path}.{i}.{path}", path, block.get_submodule(path)) for path in group]
             h = _random_hessian(members[0][2].in_features, device, gen)
             modules = _quantize_group(members, h, None, config, members[0][2].weight.dtype, device,
-                                      f"{arch.layers_path}.{i}.{'+'.join(p.rpartition('.')[2] for p in group)}")
+                                      group_name(f"{arch.layers_path}.{i}", group))
             for (_, path, _), wl in zip(members, modules):
                 parent, _, child = path.rpartition(".")
                 setattr(block.get_submodule(parent) if parent else block, child, wl)
@@ -155,7 +155,6 @@ class Runner:
     def __init__(self, model: nn.Module, backend: str, mode: str | None, device, options: dict | None = None) -> None:
         self.model = model
         self.device = device
-        self.mode = mode
         kw = dict(backend=backend, fullgraph=True, dynamic=False)
         if options is not None:
             # torch.compile takes mode= or options=, not both: fold the mode's settings into the options
@@ -402,6 +401,11 @@ def run_model(name: str, s: E2ESettings, device, out: dict | None = None,
     return out
 
 
+def _variants(result: dict) -> list[str]:
+    """bf16, wush, then the extra wush variants (``wush[...]``) of one model's result."""
+    return ["bf16", "wush"] + [k for k in result if k.startswith("wush[")]
+
+
 def format_table(results: list[dict]) -> str:
     results = [r for r in results if "ratios" in r]
     if not results:
@@ -410,7 +414,7 @@ def format_table(results: list[dict]) -> str:
         "compile_s", "peak_mem_gib", "model_bytes"]
     lines = ["| model | variant | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for r in results:
-        for variant in ["bf16", "wush"] + [k for k in r if k.startswith("wush[")]:
+        for variant in _variants(r):
             row = r[variant]
             cells = []
             for c in cols:
@@ -427,7 +431,7 @@ def format_profiles(result: dict) -> str:
     from .profile import format_profile
 
     lines = []
-    for variant in ["bf16", "wush"] + [k for k in result if k.startswith("wush[")]:
+    for variant in _variants(result):
         for phase, p in result.get(variant, {}).get("profile", {}).items():
             lines.append(format_profile(f"{result['model']} {result[variant]['label']} {phase}", p))
     return "\n".join(lines)

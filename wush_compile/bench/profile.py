@@ -61,7 +61,8 @@ def summarize(kernels: list[tuple[str, float, float]], steps: int, wall_s: float
     cats: dict[str, float] = {}
     per_name: dict[str, list[float]] = {}
     for name, _, dur in kernels:
-        cats[categorize(name)] = cats.get(categorize(name), 0.0) + dur
+        cat = categorize(name)
+        cats[cat] = cats.get(cat, 0.0) + dur
         per_name.setdefault(name, [0.0, 0])
         per_name[name][0] += dur
         per_name[name][1] += 1
