@@ -87,3 +87,19 @@ o      64  64  mxfp4  hadamard   rewritten   reference  reference  10  -      cp
 head   16  64  -      -          left alone  -          -          -   -      not calibrated: a plain torch Linear stays in high precision (Inductor compiles it)
 groups (x transformed and quantized once):
   g0 = {q,k,v} (3 members)""")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "L['self'].model.layers[0].mlp.up_proj",
+        "L['args'][0].model.layers[0].mlp.up_proj",  # the module passed as an argument (explain, functions)
+        "L['kwargs']['model'].model.layers[0].mlp.up_proj",
+        "G['model'].model.layers[0].mlp.up_proj",
+        "L['self']._modules['model']._modules['layers']._modules['0'].mlp.up_proj",
+    ],
+)
+def test_module_path_is_the_modules_own_qualified_name(path):
+    from wush_compile.passes._common import normalize_module_path
+
+    assert normalize_module_path(path) == "model.layers.0.mlp.up_proj"

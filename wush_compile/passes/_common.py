@@ -116,8 +116,11 @@ def m_of(x_val: torch.Tensor, fallback: int) -> tuple[int, bool]:
     return _hint(m, fallback), False
 
 
-_ROOT = re.compile(r"^L\['[^']*'\]\.?")
-_MODULES = re.compile(r"\._modules\['([^']*)'\]")
+#: The graph input a module path starts from: ``L['self']`` (a bound method), or ``L['args'][0]`` /
+#: ``L['kwargs']['model']`` / ``G['model']`` (a module passed to or found by the compiled function), which
+#: name the input, not a part of the module's own qualified name.
+_ROOT = re.compile(r"^(?:[LG]\['(?:args|kwargs)'\]\[[^\]]*\]|[LG]\['[^']*'\])\.?")
+_MODULES = re.compile(r"(?:^|\.)_modules\['([^']*)'\]")
 _INDEX = re.compile(r"\[(\d+)\]")
 _KEY = re.compile(r"\['([^']*)'\]")
 
