@@ -31,6 +31,8 @@ def register(subparsers) -> None:
                    help="layer shape(s) to run (default: all of qkv, o, gate_up, down, 70b_down)")
     p.add_argument("--m", type=int, action="append", default=None, help="token counts M (default 1 16 128 2048 8192)")
     p.add_argument("--fmt", action="append", default=None, choices=["mxfp4", "nvfp4"], help="formats (default both)")
+    p.add_argument("--no-fp8", action="store_true",
+                   help="--e2e: skip the fp8 W8A8 baseline (measured by default in the same run)")
     p.add_argument("--sweep", action="store_true", help="first time the decode tile candidates (layers.SWEEP)")
     p.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for JSON + PNG (default out/bench)")
     p.set_defaults(func=_run)
@@ -45,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
 
         settings = e2e.E2ESettings(
             models=tuple(args.model or e2e.E2ESettings.models), fmt=(args.fmt or ["mxfp4"])[0],
-            prompt_len=args.prompt_len, new_tokens=args.new_tokens, batches=tuple(args.batch or (1, 16)),
+            prompt_len=args.prompt_len, new_tokens=args.new_tokens, batches=tuple(args.batch or e2e.E2ESettings.batches), fp8=not args.no_fp8,
             profile=args.profile, also_cuda_decode=args.also_cuda_decode,
             shared_transform=args.shared_transform)
         e2e.run(settings, out_dir=args.out, log=print)
