@@ -115,3 +115,67 @@ def test_tiny_llama_tp2_eager_matches_single_process(fmt):
 
 def test_tiny_llama_tp2_compiled_wush_fullgraph_matches_single_process():
     _spawn(_model_worker, "mxfp4", True)
+
+
+def _layer_worker(rank, mesh):
+    from wush_compile import parallel
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 128)
+    for fmt in ("mxfp4", "nvfp4"):
+        lin = torch.nn.Linear(128, 96, bias=True)
+        whole = wush_linear_from(lin, fmt, "hadamard")
+        ref = whole(x)
+        # row-parallel on the whole x (takes its slice), bias added once after the reduce
+        row = parallel.parallelize(copy.deepcopy(whole), mesh, {"": parallel.WushRowwiseParallel(input_is_sharded=False)})
+        assert row.bias is None and torch.equal(row.tp_bias, whole.bias)
+        _close(row(x), ref, f"row-parallel {fmt}", rel=1e-5)
+        col = parallel.parallelize(copy.deepcopy(whole), mesh,
+                                   {"": parallel.WushColwiseParallel(gather_output=True)})
+        assert col.bias.shape == (48,)
+        _close(col(x), ref, f"column-parallel {fmt}", rel=1e-6)
+    # K / tp not a multiple of G: K=96, tp=2 -> 48 columns per rank, not whole MXFP4 blocks of 32
+    bad = wush_linear_from(torch.nn.Linear(96, 32), "mxfp4", "hadamard")
+    with pytest.raises(parallel.ShardError, match=r"K=96 over tp=2.*G=32"):
+        parallel.parallelize(bad, mesh, {"": parallel.WushRowwiseParallel()})
+    with pytest.raises(parallel.ShardError, match="num_key_value_heads=1 is not a multiple of tp=2"):
+        m = tiny_llama()
+        m.config.num_key_value_heads = 1
+        parallel.parallelize(m, mesh)
+
+
+def test_layer_row_and_column_parallel_with_bias_and_k_not_whole_blocks_error():
+    _spawn(_layer_worker)
+
+
+def _load_worker(rank, mesh, path):
+    from wush_compile import parallel
+
+    reads = {}
+    read = parallel._read
+
+    def spy(f, name, dim, start, stop):
+        out = read(f, name, dim, start, stop)
+        reads[name] = tuple(out.shape)
+        return out
+
+    parallel._read = spy
+    full = calibrate_llama(tiny_llama(), "nvfp4", "wush")
+    model = parallel.load_sharded(path, mesh)
+    assert _check_shards(rank, full, model) == 14
+    # each rank read only its slice of every sharded tensor
+    for name, mod in full.named_modules():
+        if isinstance(mod, WushLinear):
+            whole, got = tuple(mod.weight_codes.shape), reads[f"{name}.weight_codes"]
+            assert got[0] * got[1] * WORLD == whole[0] * whole[1], (name, got, whole)
+    ids = _ids(2, 9)
+    with torch.no_grad():
+        _close(model(ids).logits, full(ids).logits, "checkpoint-to-shards eager")
+
+
+def test_checkpoint_loads_straight_into_shards(tmp_path):
+    import wush_compile  # noqa: F401  (save_pretrained writes the wush checkpoint)
+
+    full = calibrate_llama(tiny_llama(), "nvfp4", "wush")
+    full.save_pretrained(tmp_path)
+    _spawn(_load_worker, str(tmp_path))
