@@ -127,7 +127,8 @@ def _layer_worker(rank, mesh):
         whole = wush_linear_from(lin, fmt, "hadamard")
         ref = whole(x)
         # row-parallel on the whole x (takes its slice), bias added once after the reduce
-        row = parallel.parallelize(copy.deepcopy(whole), mesh, {"": parallel.WushRowwiseParallel(input_is_sharded=False)})
+        row = parallel.parallelize(copy.deepcopy(whole), mesh,
+                                   {"": parallel.WushRowwiseParallel(input_is_sharded=False)})
         assert row.bias is None and torch.equal(row.tp_bias, whole.bias)
         _close(row(x), ref, f"row-parallel {fmt}", rel=1e-5)
         col = parallel.parallelize(copy.deepcopy(whole), mesh,
