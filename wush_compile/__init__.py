@@ -16,6 +16,7 @@ from . import ops  # noqa: F401  (registers torch.ops.wush.*)
 from .ops.dispatch import pin_kernel
 from . import backend as _backend
 from .explain import explain
+from .api import quantize
 from . import hf  # noqa: F401  (registers quant_method "wush" with transformers: save_pretrained / from_pretrained)
 
 _backend.register()  # backend="wush" (also resolvable through the torch_dynamo_backends entry point)
@@ -32,6 +33,7 @@ __all__ = [
     "WushConfig",
     "WushLinear",
     "explain",
+    "quantize",
     "pin_kernel",
     "formats",
     "transforms",
