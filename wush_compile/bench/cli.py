@@ -16,8 +16,8 @@ def register(subparsers) -> None:
     p.add_argument("--e2e", action="store_true",
                    help="end to end: compiled prefill/decode tokens/s, wush vs bf16 (and SmolLM2 greedy text)")
     p.add_argument("--model", action="append", default=None,
-                   help="--e2e models: smollm2_shape, llama8b (random weights, speed only), smollm2 (real weights, "
-                        "greedy text check); default smollm2_shape and llama8b")
+                   help="--e2e models: smollm2_shape, llama8b (random weights, speed only), smollm2 (real weights, greedy text check), or a checkpoint DIR; "
+                        "default smollm2_shape and llama8b")
     p.add_argument("--prompt-len", type=int, default=2048, help="--e2e prefill prompt length (default 2048)")
     p.add_argument("--new-tokens", type=int, default=256, help="--e2e decode steps (default 256)")
     p.add_argument("--batch", type=int, action="append", default=None, help="--e2e decode batch sizes (default 1 16)")

@@ -71,14 +71,41 @@ class E2ESettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", Format.parse(self.fmt))
-        unknown = [m for m in self.models if m not in (*SHAPES, "smollm2", "tiny")]
+        unknown = [m for m in self.models if m not in (*SHAPES, "smollm2", "tiny") and not _is_checkpoint(m)]
         if unknown:
-            raise ValueError(f"e2e: unknown model(s) {unknown}; choose from {sorted(SHAPES)}, smollm2, tiny")
+            raise ValueError(
+                f"e2e: unknown model(s) {unknown}; choose from {sorted(SHAPES)}, smollm2, tiny, or a checkpoint "
+                "directory (model.save_pretrained output with config.json)"
+            )
         if self.prompt_len < 1 or self.new_tokens < 1 or not self.batches or min(self.batches) < 1:
             raise ValueError(f"e2e: prompt_len, new_tokens and batches must be positive, got {self}")
 
 
 # ----------------------------------------------------------------------------------------------- models
+
+
+def _is_checkpoint(name: str) -> bool:
+    import os
+
+    return os.path.isfile(os.path.join(name, "config.json"))
+
+
+def run_checkpoint(path: str, s: "E2ESettings", device, out: dict) -> nn.Module:
+    """A user's saved checkpoint (wush or not): compiled wush speed on a GPU, greedy text eager vs compiled."""
+    from calibrate.models import load_model
+
+    on_gpu = device.type == "cuda"
+    model, tok = load_model(path, dtype=torch.float32)
+    model = model.to(device=device, dtype=torch.bfloat16 if on_gpu else torch.float32).eval().requires_grad_(False)
+    out["note"] = f"checkpoint {path}"
+    if on_gpu:
+        out["wush"] = measure(model, "wush", s, model.config.vocab_size, device, f"wush ({path})")
+    ids = tok(PROMPT, return_tensors="pt").input_ids.to(device)
+    eager_tokens, _, _ = Runner(model, "", None, device).generate(ids, s.text_tokens)
+    torch._dynamo.reset()
+    out["text"] = _text_check(model, tok, Runner(model, "wush", s.mode if on_gpu else None, device), eager_tokens, s,
+                              device)
+    return model
 
 
 def _random_llama(device, dtype, layers: int | None, shape: str) -> nn.Module:
@@ -344,7 +371,9 @@ def run_model(name: str, s: E2ESettings, device, out: dict | None = None,
     dtype = torch.bfloat16 if on_gpu else torch.float32
     out = {} if out is None else out
     out["model"] = name
-    if name == "smollm2":
+    if _is_checkpoint(name) and name not in SHAPES and name not in ("smollm2", "tiny"):
+        model = run_checkpoint(name, s, device, out)
+    elif name == "smollm2":
         # The real model: greedy text of full precision, eager wush and compiled wush (speed too on a GPU).
         from calibrate import calibrate
         from calibrate.data import calibration_batches, default_texts, tokenize
