@@ -20,7 +20,7 @@ def register(subparsers) -> None:
                         "default smollm2_shape and llama8b")
     p.add_argument("--prompt-len", type=int, default=2048, help="--e2e prefill prompt length (default 2048)")
     p.add_argument("--new-tokens", type=int, default=256, help="--e2e decode steps (default 256)")
-    p.add_argument("--batch", type=int, action="append", default=None, help="--e2e decode batch sizes (default 1 16)")
+    p.add_argument("--batch", type=int, action="append", default=None, help="--e2e decode batch sizes (default 1 16 64)")
     p.add_argument("--profile", action="store_true",
                    help="--e2e: also profile one prefill and 16 decode steps (kernels by category, time outside GEMMs)")
     p.add_argument("--shared-transform", action="store_true",
