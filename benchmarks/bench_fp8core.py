@@ -69,10 +69,11 @@ def main(out: Path):
     gen = torch.Generator(device=DEV).manual_seed(0)
     rows = []
     ags = torch.tensor(formats.MXFP4_GLOBAL_SCALE, device=DEV)
+    ms = tuple(int(v) for v in sys.argv[3].split(",")) if len(sys.argv) > 3 else MS
     for name, (n, k) in LAYERS.items():
         copies = max(2, min(6, math.ceil(240e6 / (n * k * 2))))
         Ls = [make(n, k, gen) for _ in range(copies)]
-        for m in MS:
+        for m in ms:
             if time.time() - t0 > budget:
                 print("time budget reached", flush=True)
                 break
