@@ -205,6 +205,7 @@ def _quantize_group(
         for wl in modules:
             amax = transformed_amax(chunks, wl.transform.to(device))
             wl.act_global_scale.copy_(static_act_global_scale(amax, config.act_headroom))
+            wl.refresh_transform_key()
     return modules
 
 
