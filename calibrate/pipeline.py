@@ -270,6 +270,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushCon
     start = time.perf_counter()
     arch = get_architecture(model)
     layers = decoder_layers(model, arch)
+    _check_not_calibrated_and_skips(layers, arch, config)
     params = list(model.parameters())
     if not params:
         raise ValueError("calibrate: the model has no parameters")
@@ -297,52 +298,96 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushCon
     # RTN with a data-free transform (identity, hadamard, random) needs no Hessian: skip the capture pass.
     needs_capture = keep_chunks or config.method is Method.GPTQ or config.transform in DATA_AWARE_KINDS
     desc = f"calibrate {config.format.value}/{config.method.value}/{config.transform.value}"
-    for i in tqdm(range(len(layers)), desc=desc, unit="block"):
-        block = layers[i]
-        prefix = f"{arch.layers_path}.{i}"
-        groups = _block_groups(block, prefix, arch.groups, config, report)
-        # 1. Hessians (and, for the NVFP4 static scale, the inputs) of each group's shared input.
-        leaders = {members[0][0]: members[0][2] for members in groups}
-        accs = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in leaders.items()}
-        chunks: dict[str, list[torch.Tensor]] = {name: [] for name in leaders}
-
-        def on_input(name: str, x: torch.Tensor) -> None:
-            accs[name].add(x)
-            if keep_chunks:
-                chunks[name].append(x.to(inputs.storage))
-
-        if needs_capture:
-            capture.capture_group_inputs(block, i, leaders, inputs, device=device, on_input=on_input)
-        # 2. Quantize every group and swap the WushLinears in.
-        meters: list[tuple[str, nn.Module, _ErrorMeter]] = []
-        for members in groups:
-            leader = members[0][0]
-            gname = group_name(prefix, [p for _, p, _ in members])
-            modules = _quantize_group(
-                members,
-                accs[leader].mean() if needs_capture else None,
-                chunks[leader] if keep_chunks else None,
-                config,
-                dtype,
-                device,
-                gname,
-            )
-            for (full, path, lin), wl in zip(members, modules):
-                meters.append((full, wl, _ErrorMeter(lin)))
-                _set_submodule(block, path, wl)
-        del accs, chunks
-        # 3. The quantized block gives the next block's inputs; each layer's W4A4 error is measured on the way.
-        handles = [wl.register_forward_hook(meter) for _, wl, meter in meters]
-        try:
-            inputs.hidden = capture.run_block(block, i, inputs, device=device)
-        finally:
-            for h in handles:
-                h.remove()
-        for full, wl, meter in meters:
-            report.layers.append(LayerRecord(full, wl.in_features, wl.out_features, meter.rel_err, wl.share_group))
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []  # (block, path, original Linear), to undo on error
+    try:
+        _calibrate_blocks(layers, arch, config, report, inputs, keep_chunks, needs_capture, dtype, device, desc, swapped)
+    except BaseException as exc:
+        for block, path, original in reversed(swapped):  # the caller's model is left as it was
+            _set_submodule(block, path, original)
+        model.train(was_training)
+        exc.add_note(f"calibrate: no layer was replaced ({len(swapped)} swaps undone); the model is unchanged")
+        raise
     report.seconds = time.perf_counter() - start
     setattr(model, REPORT_ATTR, report)
     _record_config(model, config)
     model.train(was_training)
     logger.info("%s", report.summary())
     return model
+
+
+def _check_not_calibrated_and_skips(layers: nn.Module, arch, config: WushConfig) -> None:
+    """An already calibrated model is an error (never a silent no-op); unknown ``skip_layers`` names too."""
+    import difflib
+
+    done = [n for n, m in layers.named_modules() if isinstance(m, WushLinear)]
+    if done:
+        raise ValueError(
+            f"calibrate: the model is already calibrated ({len(done)} WushLinear layers, e.g. "
+            f"{arch.layers_path}.{done[0]}); calibrate the full-precision model again (load it anew)"
+        )
+    names = [f"{arch.layers_path}.{n}" for n, m in layers.named_modules() if isinstance(m, nn.Linear)]
+    leaves = sorted({n.split(".")[-1] for n in names})
+    unknown = [p for p in config.skip_layers if not any(n == p or n.endswith("." + p) for n in names)]
+    if unknown:
+        hints = {p: difflib.get_close_matches(p.split(".")[-1], leaves, n=3) for p in unknown}
+        raise ValueError(
+            "calibrate: skip_layers names no Linear of the decoder blocks: "
+            + "; ".join(f"{p!r} (close: {', '.join(h) or 'none'})" for p, h in hints.items())
+            + f"; the Linears are named {', '.join(leaves)} (or full names such as {names[0]})"
+        )
+
+
+def _calibrate_blocks(layers, arch, config, report, inputs, keep_chunks, needs_capture, dtype, device, desc, swapped):
+    for i in tqdm(range(len(layers)), desc=desc, unit="block"):
+        try:
+            _calibrate_block(i, layers, arch, config, report, inputs, keep_chunks, needs_capture, dtype, device, swapped)
+        except Exception as exc:
+            exc.add_note(f"calibrate: failed in block {arch.layers_path}.{i}")
+            raise
+
+
+def _calibrate_block(i, layers, arch, config, report, inputs, keep_chunks, needs_capture, dtype, device, swapped):
+    """Steps 1-3 of the module docstring for block ``i``; every swap is appended to ``swapped``."""
+    block = layers[i]
+    prefix = f"{arch.layers_path}.{i}"
+    groups = _block_groups(block, prefix, arch.groups, config, report)
+    # 1. Hessians (and, for the NVFP4 static scale, the inputs) of each group's shared input.
+    leaders = {members[0][0]: members[0][2] for members in groups}
+    accs = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in leaders.items()}
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in leaders}
+
+    def on_input(name: str, x: torch.Tensor) -> None:
+        accs[name].add(x)
+        if keep_chunks:
+            chunks[name].append(x.to(inputs.storage))
+
+    if needs_capture:
+        capture.capture_group_inputs(block, i, leaders, inputs, device=device, on_input=on_input)
+    # 2. Quantize every group and swap the WushLinears in.
+    meters: list[tuple[str, nn.Module, _ErrorMeter]] = []
+    for members in groups:
+        leader = members[0][0]
+        gname = group_name(prefix, [p for _, p, _ in members])
+        modules = _quantize_group(
+            members,
+            accs[leader].mean() if needs_capture else None,
+            chunks[leader] if keep_chunks else None,
+            config,
+            dtype,
+            device,
+            gname,
+        )
+        for (full, path, lin), wl in zip(members, modules):
+            meters.append((full, wl, _ErrorMeter(lin)))
+            _set_submodule(block, path, wl)
+            swapped.append((block, path, lin))
+    del accs, chunks
+    # 3. The quantized block gives the next block's inputs; each layer's W4A4 error is measured on the way.
+    handles = [wl.register_forward_hook(meter) for _, wl, meter in meters]
+    try:
+        inputs.hidden = capture.run_block(block, i, inputs, device=device)
+    finally:
+        for h in handles:
+            h.remove()
+    for full, wl, meter in meters:
+        report.layers.append(LayerRecord(full, wl.in_features, wl.out_features, meter.rel_err, wl.share_group))
