@@ -71,6 +71,7 @@ class CalibrationReport:
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, reason)
     tokens: int = 0
     seconds: float = 0.0
+    warnings: list[str] = dataclasses.field(default_factory=list)  # also logged
 
     @property
     def mean_rel_err(self) -> float:
@@ -86,6 +87,7 @@ class CalibrationReport:
             f"calibrated {len(self.layers)} Linears ({c.format.value}, {c.method.value}, {c.transform.value}) on "
             f"{self.tokens} tokens in {self.seconds:.1f} s; mean layer relative output error {self.mean_rel_err:.4f}"
         ]
+        lines.extend(f"warning: {w}" for w in self.warnings)
         if self.skipped:
             lines.append(f"{len(self.skipped)} Linears left in high precision:")
             lines.extend(f"  {name}: {reason}" for name, reason in self.skipped)
@@ -285,6 +287,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushCon
     vocab = getattr(emb, "num_embeddings", None)
     batch_list = _prepare_batches(batches, vocab)
     report = CalibrationReport(config=config, tokens=sum(int(b.numel()) for b in batch_list))
+    _warn_rank_deficient(layers, config, report)
     was_training = model.training
     model.eval()
     logger.info(
@@ -335,6 +338,23 @@ def _check_not_calibrated_and_skips(layers: nn.Module, arch, config: WushConfig)
             + "; ".join(f"{p!r} (close: {', '.join(h) or 'none'})" for p, h in hints.items())
             + f"; the Linears are named {', '.join(leaves)} (or full names such as {names[0]})"
         )
+
+
+def _warn_rank_deficient(layers: nn.Module, config: WushConfig, report: CalibrationReport) -> None:
+    """Fewer calibration tokens than a layer's K: its Hessian is rank-deficient (data-aware transforms and GPTQ
+    then fit the sample, often worse than data-free RTN)."""
+    if config.method is not Method.GPTQ and config.transform not in DATA_AWARE_KINDS:
+        return
+    ks = sorted({m.in_features for m in layers.modules() if isinstance(m, nn.Linear)})
+    short = [k for k in ks if report.tokens < k]
+    if short:
+        msg = (
+            f"{report.tokens} calibration tokens are fewer than K={', '.join(map(str, short))} of some Linears: their "
+            f"Hessians are rank-deficient (rank <= {report.tokens}); use at least {short[-1]} tokens (nsamples x "
+            "seqlen), or a data-free transform with RTN"
+        )
+        report.warnings.append(msg)
+        logger.warning("calibrate: %s", msg)
 
 
 def _calibrate_blocks(layers, arch, config, report, inputs, keep_chunks, needs_capture, dtype, device, desc, swapped):

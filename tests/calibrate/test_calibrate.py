@@ -277,3 +277,14 @@ def test_calibrating_a_calibrated_model_raises(batches):
 def test_unknown_skip_layers_names_close_matches(batches):
     with pytest.raises(ValueError, match=r"'down_prj' \(close: down_proj[,)]"):
         calibrate.calibrate(tiny_model(), batches, WushConfig(skip_layers=("down_prj",)))
+
+
+def test_fewer_tokens_than_k_is_a_warning_with_numbers(caplog):
+    few = [torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))]  # 40 < K = 64, 128
+    with caplog.at_level("WARNING", logger="calibrate.pipeline"):
+        model = calibrate.calibrate(tiny_model(), few, WushConfig(method="rtn", transform="wush"))
+    (w,) = calibrate.get_report(model).warnings
+    assert "40 calibration tokens are fewer than K=64, 128" in w and "use at least 128 tokens" in w
+    assert w in caplog.text and w in calibrate.get_report(model).summary()
+    enough = tiny_batches()  # 2 x 2 x 32 = 128 tokens
+    assert not calibrate.get_report(calibrate.calibrate(tiny_model(), enough, WushConfig(method="rtn"))).warnings
