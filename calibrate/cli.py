@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import platform
+import re
 import sys
 import time
 
@@ -51,6 +52,8 @@ class QuantizeSettings:
     out: str | None = None
     dtype: str = "float32"
     device: str | None = None  # calibrate (block by block) and evaluate there; None: the CPU
+    encoding: str = "utf-8"
+    overwrite: bool = False
 
 
 DEFAULTS = QuantizeSettings()
@@ -94,8 +97,8 @@ def _texts(s: QuantizeSettings) -> tuple[str, str, str]:
 
     if s.calib_text is None or s.eval_text is None:
         default_calib, default_eval = data.default_texts()
-    calib = data.read_text(s.calib_text) if s.calib_text else default_calib
-    evals = data.read_text(s.eval_text) if s.eval_text else default_eval
+    calib = data.read_text(s.calib_text, s.encoding) if s.calib_text else default_calib
+    evals = data.read_text(s.eval_text, s.encoding) if s.eval_text else default_eval
     source = (
         f"calibration {'file ' + s.calib_text if s.calib_text else 'pydoc_data.topics (Python ' + platform.python_version() + ')'}, "
         f"evaluation {'file ' + s.eval_text if s.eval_text else 'held-out pydoc_data.topics'}"
@@ -121,10 +124,13 @@ def _save(model, tokenizer, out: str) -> None:
 
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"--out: {type(model).__name__} has no save_pretrained; cannot write a checkpoint")
-    os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out)
+    write_checkpoint_atomically(out, lambda d: _write(model, tokenizer, d))
+
+
+def _write(model, tokenizer, d: str) -> None:
+    model.save_pretrained(d)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+        tokenizer.save_pretrained(d)
 
 
 def run_quantize(s: QuantizeSettings) -> dict:
@@ -138,6 +144,8 @@ def run_quantize(s: QuantizeSettings) -> dict:
             "--out saves one configuration; choose a single --format and --method (not 'all'), e.g. "
             "--format mxfp4 --method gptq"
         )
+    if s.out:
+        check_out_dir(s.out, s.model, s.overwrite)  # before any work
     configs = _configs(s)
     t0 = time.perf_counter()
     model, tokenizer = models.load_model(s.model, dtype=_DTYPES[s.dtype])
@@ -298,6 +306,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         out=args.out,
         dtype=args.dtype,
         device=getattr(args, "device", None),
+        encoding=args.encoding,
+        overwrite=args.overwrite,
     )
     try:
         run_quantize(settings)
@@ -342,6 +352,7 @@ def register(subparsers) -> None:
     q.add_argument("--device", metavar="DEV", default=None, help="calibrate on DEV (e.g. cuda), one decoder block at a time, the model staying on the CPU; evaluate there too")
     q.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")
     q.add_argument("--out", metavar="DIR", default=None, help="save the chosen configuration as a checkpoint (model.save_pretrained)")
+    _add_reliability_flags(q)
     q.set_defaults(func=_cmd_quantize)
 
     e = subparsers.add_parser("eval", help="held-out perplexity of a saved checkpoint or GGUF")
@@ -434,3 +445,77 @@ def _cmd_eval_tasks(args: argparse.Namespace) -> int:
         return 2
     print(f"perplexity {ppl:.4f} ({name}, seqlen {args.seqlen}, held-out text)")
     return 0
+
+
+# ---- --out / input-text checks (kept apart from the flags above) -------------------------------------------
+
+
+def _add_reliability_flags(q) -> None:
+    q.add_argument("--encoding", default="utf-8", help="encoding of --calib-text / --eval-text (default utf-8; "
+                   "a file that does not decode is an error)")
+    q.add_argument("--overwrite", action="store_true", help="let --out replace a previous wush checkpoint in DIR")
+
+
+def check_out_dir(out: str, model: str | None, overwrite: bool) -> None:
+    """Refuse an ``--out`` that would lose data, before any calibration work: the ``--model`` directory
+    itself, a non-empty directory (unless ``overwrite`` and it holds a previous wush checkpoint), a file, or a
+    place we cannot write."""
+    out_abs = os.path.realpath(out)
+    if model and os.path.isdir(model) and os.path.realpath(model) == out_abs:
+        raise ValueError(f"--out {out!r} is the --model directory; write the checkpoint to another directory")
+    if os.path.exists(out_abs) and not os.path.isdir(out_abs):
+        raise ValueError(f"--out {out!r} is a file; pass a directory")
+    if os.path.isdir(out_abs) and os.listdir(out_abs):
+        if not overwrite:
+            raise ValueError(f"--out {out!r} is not empty; pass an empty or new directory, or --overwrite to replace "
+                             "a previous wush checkpoint there")
+        if not _is_wush_checkpoint(out_abs):
+            raise ValueError(f"--out {out!r} holds files that are not a wush checkpoint (no config.json with "
+                             "quant_method 'wush'); --overwrite replaces only our own output")
+    parent = os.path.dirname(out_abs) or "."
+    probe = out_abs if os.path.isdir(out_abs) else parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out!r}: cannot write to {probe!r}; choose a writable directory")
+
+
+def _is_wush_checkpoint(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return (cfg.get("quantization_config") or {}).get("quant_method") == "wush"
+
+
+#: Files a previous ``--out`` of ours may hold (removed by ``--overwrite``; anything else is left alone).
+_OUR_FILES = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
+                        r"model\.safetensors\.index\.json|tokenizer.*|special_tokens_map\.json|chat_template.*|vocab\.json|merges\.txt)$")
+
+
+def write_checkpoint_atomically(out: str, write) -> None:
+    """``write(tmp)`` into a temporary sibling of ``out``, then move it into place: a crash or Ctrl-C leaves
+    no half-written checkpoint at ``out``. A previous wush checkpoint there (checked by :func:`check_out_dir`)
+    loses only the files of ours; other files stay."""
+    import shutil
+    import tempfile
+
+    out = os.path.realpath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        write(tmp)
+        if not os.path.isdir(out) or not os.listdir(out):
+            if os.path.isdir(out):
+                os.rmdir(out)
+            os.rename(tmp, out)
+            return
+        for name in os.listdir(out):
+            if _OUR_FILES.match(name):
+                os.remove(os.path.join(out, name))
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -43,13 +43,26 @@ def default_texts() -> tuple[str, str]:
     return _SEPARATOR.join(calib), _SEPARATOR.join(evals)
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """A UTF-8 text file's contents; clear errors for a missing or empty file."""
+def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
+    """A text file's contents (UTF-8 unless ``encoding`` says otherwise); clear errors for a missing, empty,
+    binary or wrongly encoded file (never silently replaced characters)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text file {path!r} does not exist; pass a path to a UTF-8 text file")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    nul = raw.find(b"\x00", 0, 1 << 20)
+    if nul >= 0:
+        raise ValueError(f"text file {path!r} looks binary (it holds NUL bytes at offset {nul}); pass a plain text file")
+    try:
+        text = raw.decode(encoding)
+    except LookupError:
+        raise ValueError(f"unknown text encoding {encoding!r}; use a Python codec name such as utf-8 or latin-1") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"text file {path!r} is not valid {encoding} (byte {raw[exc.start]:#04x} at offset {exc.start}); convert it "
+            f"to UTF-8 or pass its encoding (--encoding latin-1)"
+        ) from None
     if not text.strip():
         raise ValueError(f"text file {path!r} is empty; it must hold the text to calibrate or evaluate on")
     return text

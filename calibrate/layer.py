@@ -167,6 +167,7 @@ def build_wush_linear(
         wl.act_global_scale.fill_(initial_act_global_scale(config))
         if bias is not None:
             wl.bias.copy_(bias.detach())
+    wl.refresh_transform_key()  # the in-place writes above changed the values the key describes
     return wl
 
 
@@ -211,4 +212,5 @@ def quantize_linear(
             amax = transformed_amax(chunks, wl.transform)
             with torch.no_grad():
                 wl.act_global_scale.copy_(static_act_global_scale(amax, config.act_headroom))
+            wl.refresh_transform_key()
     return wl

@@ -71,6 +71,7 @@ class CalibrationReport:
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, reason)
     tokens: int = 0
     seconds: float = 0.0
+    warnings: list[str] = dataclasses.field(default_factory=list)  # also logged
 
     @property
     def mean_rel_err(self) -> float:
@@ -86,6 +87,7 @@ class CalibrationReport:
             f"calibrated {len(self.layers)} Linears ({c.format.value}, {c.method.value}, {c.transform.value}) on "
             f"{self.tokens} tokens in {self.seconds:.1f} s; mean layer relative output error {self.mean_rel_err:.4f}"
         ]
+        lines.extend(f"warning: {w}" for w in self.warnings)
         if self.skipped:
             lines.append(f"{len(self.skipped)} Linears left in high precision:")
             lines.extend(f"  {name}: {reason}" for name, reason in self.skipped)
@@ -257,6 +259,7 @@ def _quantize_group(
         for wl in modules:
             amax = transformed_amax(chunks, wl.transform.to(device))
             wl.act_global_scale.copy_(static_act_global_scale(amax, config.act_headroom))
+            wl.refresh_transform_key()
     return modules
 
 
@@ -325,6 +328,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushCon
     start = time.perf_counter()
     arch = get_architecture(model)
     layers = decoder_layers(model, arch)
+    _check_not_calibrated_and_skips(layers, arch, config)
     params = list(model.parameters())
     if not params:
         raise ValueError("calibrate: the model has no parameters")
@@ -342,6 +346,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushCon
     batch_list, masks = _prepare_masked_batches(batches, vocab)
     tokens = sum(int(b.numel()) if m is None else int(m.sum()) for b, m in zip(batch_list, masks))
     report = CalibrationReport(config=config, tokens=tokens)
+    _warn_rank_deficient(layers, config, report)
     was_training = model.training
     model.eval()
     logger.info(
@@ -357,56 +362,122 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushCon
     # RTN with a data-free transform (identity, hadamard, random) needs no Hessian: skip the capture pass.
     needs_capture = keep_chunks or config.method is Method.GPTQ or config.transform in DATA_AWARE_KINDS
     desc = f"calibrate {config.format.value}/{config.method.value}/{config.transform.value}"
-    for i in tqdm(range(len(layers)), desc=desc, unit="block"):
-        block = layers[i]
-        if onload:
-            _onload(block, device)
-        prefix = f"{arch.layers_path}.{i}"
-        groups = _block_groups(block, prefix, arch.groups, config, report)
-        # 1. Hessians (and, for the NVFP4 static scale, the inputs) of each group's shared input.
-        leaders = {members[0][0]: members[0][2] for members in groups}
-        accs = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in leaders.items()}
-        chunks: dict[str, list[torch.Tensor]] = {name: [] for name in leaders}
-
-        def on_input(name: str, x: torch.Tensor) -> None:
-            accs[name].add(x)
-            if keep_chunks:
-                chunks[name].append(x.to(inputs.storage))
-
-        if needs_capture:
-            capture.capture_group_inputs(block, i, leaders, inputs, device=device, on_input=on_input)
-        # 2. Quantize every group and swap the WushLinears in.
-        meters: list[tuple[str, nn.Module, _ErrorMeter]] = []
-        for members in groups:
-            leader = members[0][0]
-            gname = group_name(prefix, [p for _, p, _ in members])
-            modules = _quantize_group(
-                members,
-                accs[leader].mean() if needs_capture else None,
-                chunks[leader] if keep_chunks else None,
-                config,
-                dtype,
-                device,
-                gname,
-            )
-            for (full, path, lin), wl in zip(members, modules):
-                meters.append((full, wl, _ErrorMeter(lin)))
-                _set_submodule(block, path, wl)
-        del accs, chunks
-        # 3. The quantized block gives the next block's inputs; each layer's W4A4 error is measured on the way.
-        handles = [wl.register_forward_hook(meter) for _, wl, meter in meters]
-        try:
-            inputs.hidden = capture.run_block(block, i, inputs, device=device)
-        finally:
-            for h in handles:
-                h.remove()
-            if onload:
-                _offload(block, home)
-        for full, wl, meter in meters:
-            report.layers.append(LayerRecord(full, wl.in_features, wl.out_features, meter.rel_err, wl.share_group))
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []  # (block, path, original Linear), to undo on error
+    try:
+        _calibrate_blocks(layers, arch, config, report, inputs, keep_chunks, needs_capture, dtype, device, desc, swapped,
+                          home if onload else None)
+    except BaseException as exc:
+        for block, path, original in reversed(swapped):  # the caller's model is left as it was
+            _set_submodule(block, path, original.to(home) if onload else original)
+        model.train(was_training)
+        exc.add_note(f"calibrate: no layer was replaced ({len(swapped)} swaps undone); the model is unchanged")
+        raise
     report.seconds = time.perf_counter() - start
     setattr(model, REPORT_ATTR, report)
     _record_config(model, config)
     model.train(was_training)
     logger.info("%s", report.summary())
     return model
+
+
+def _check_not_calibrated_and_skips(layers: nn.Module, arch, config: WushConfig) -> None:
+    """An already calibrated model is an error (never a silent no-op); unknown ``skip_layers`` names too."""
+    import difflib
+
+    done = [n for n, m in layers.named_modules() if isinstance(m, WushLinear)]
+    if done:
+        raise ValueError(
+            f"calibrate: the model is already calibrated ({len(done)} WushLinear layers, e.g. "
+            f"{arch.layers_path}.{done[0]}); calibrate the full-precision model again (load it anew)"
+        )
+    names = [f"{arch.layers_path}.{n}" for n, m in layers.named_modules() if isinstance(m, nn.Linear)]
+    leaves = sorted({n.split(".")[-1] for n in names})
+    unknown = [p for p in config.skip_layers if not any(n == p or n.endswith("." + p) for n in names)]
+    if unknown:
+        hints = {p: difflib.get_close_matches(p.split(".")[-1], leaves, n=3) for p in unknown}
+        raise ValueError(
+            "calibrate: skip_layers names no Linear of the decoder blocks: "
+            + "; ".join(f"{p!r} (close: {', '.join(h) or 'none'})" for p, h in hints.items())
+            + f"; the Linears are named {', '.join(leaves)} (or full names such as {names[0]})"
+        )
+
+
+def _warn_rank_deficient(layers: nn.Module, config: WushConfig, report: CalibrationReport) -> None:
+    """Fewer calibration tokens than a layer's K: its Hessian is rank-deficient (data-aware transforms and GPTQ
+    then fit the sample, often worse than data-free RTN)."""
+    if config.method is not Method.GPTQ and config.transform not in DATA_AWARE_KINDS:
+        return
+    ks = sorted({m.in_features for m in layers.modules() if isinstance(m, nn.Linear)})
+    short = [k for k in ks if report.tokens < k]
+    if short:
+        msg = (
+            f"{report.tokens} calibration tokens are fewer than K={', '.join(map(str, short))} of some Linears: their "
+            f"Hessians are rank-deficient (rank <= {report.tokens}); use at least {short[-1]} tokens (nsamples x "
+            "seqlen), or a data-free transform with RTN"
+        )
+        report.warnings.append(msg)
+        logger.warning("calibrate: %s", msg)
+
+
+def _calibrate_blocks(layers, arch, config, report, inputs, keep_chunks, needs_capture, dtype, device, desc, swapped,
+                      home=None):
+    """Every block in order; with ``home`` (block-by-block onload) each block is moved to ``device`` for its
+    calibration and back to ``home`` afterwards, also when it fails."""
+    for i in tqdm(range(len(layers)), desc=desc, unit="block"):
+        if home is not None:
+            _onload(layers[i], device)
+        try:
+            _calibrate_block(i, layers, arch, config, report, inputs, keep_chunks, needs_capture, dtype, device, swapped)
+        except Exception as exc:
+            exc.add_note(f"calibrate: failed in block {arch.layers_path}.{i}")
+            raise
+        finally:
+            if home is not None:
+                _offload(layers[i], home)
+
+
+def _calibrate_block(i, layers, arch, config, report, inputs, keep_chunks, needs_capture, dtype, device, swapped):
+    """Steps 1-3 of the module docstring for block ``i``; every swap is appended to ``swapped``."""
+    block = layers[i]
+    prefix = f"{arch.layers_path}.{i}"
+    groups = _block_groups(block, prefix, arch.groups, config, report)
+    # 1. Hessians (and, for the NVFP4 static scale, the inputs) of each group's shared input.
+    leaders = {members[0][0]: members[0][2] for members in groups}
+    accs = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in leaders.items()}
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in leaders}
+
+    def on_input(name: str, x: torch.Tensor) -> None:
+        accs[name].add(x)
+        if keep_chunks:
+            chunks[name].append(x.to(inputs.storage))
+
+    if needs_capture:
+        capture.capture_group_inputs(block, i, leaders, inputs, device=device, on_input=on_input)
+    # 2. Quantize every group and swap the WushLinears in.
+    meters: list[tuple[str, nn.Module, _ErrorMeter]] = []
+    for members in groups:
+        leader = members[0][0]
+        gname = group_name(prefix, [p for _, p, _ in members])
+        modules = _quantize_group(
+            members,
+            accs[leader].mean() if needs_capture else None,
+            chunks[leader] if keep_chunks else None,
+            config,
+            dtype,
+            device,
+            gname,
+        )
+        for (full, path, lin), wl in zip(members, modules):
+            meters.append((full, wl, _ErrorMeter(lin)))
+            _set_submodule(block, path, wl)
+            swapped.append((block, path, lin))
+    del accs, chunks
+    # 3. The quantized block gives the next block's inputs; each layer's W4A4 error is measured on the way.
+    handles = [wl.register_forward_hook(meter) for _, wl, meter in meters]
+    try:
+        inputs.hidden = capture.run_block(block, i, inputs, device=device)
+    finally:
+        for h in handles:
+            h.remove()
+    for full, wl, meter in meters:
+        report.layers.append(LayerRecord(full, wl.in_features, wl.out_features, meter.rel_err, wl.share_group))

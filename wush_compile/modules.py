@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import nn
 
@@ -9,7 +11,32 @@ from . import formats
 from .config import Format, TransformKind
 from .ops import library as _ops  # noqa: F401  (registers torch.ops.wush.linear)
 
-__all__ = ["WushLinear"]
+__all__ = ["WushLinear", "content_key", "key_is_current"]
+
+#: Buffers whose VALUES the compiler's decisions depend on (the grouping pass compares them across layers).
+KEYED_BUFFERS = ("transform", "act_global_scale")
+#: Attribute of a layer's ``transform`` tensor holding the key computed from it (checked by the grouping pass).
+TENSOR_KEY_ATTR = "_wush_key"
+_UNSET_KEY = "unset"
+
+
+def content_key(transform: torch.Tensor, act_global_scale: torch.Tensor, fmt: str) -> str:
+    """A digest of the values the compiler groups layers by: transform and activation scale (bytes, dtype,
+    shape) and the format. Equal keys mean equal values; a meta tensor has no values (key ``"unset"``)."""
+    h = hashlib.blake2b(fmt.encode(), digest_size=12)
+    for t in (transform, act_global_scale):
+        if t.device.type == "meta":
+            return _UNSET_KEY
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def key_is_current(transform: torch.Tensor, act_global_scale: torch.Tensor, fmt: str) -> bool:
+    """Whether the key stored with ``transform`` (by :meth:`WushLinear.refresh_transform_key`) still describes
+    these values (False after an in-place edit without a refresh, or for a tensor no WushLinear keyed)."""
+    stored = getattr(transform, TENSOR_KEY_ATTR, None)
+    return stored is not None and stored != _UNSET_KEY and stored == content_key(transform, act_global_scale, fmt)
 
 
 class WushLinear(nn.Module):
@@ -25,6 +52,19 @@ class WushLinear(nn.Module):
 
     Attributes (not tensors; saved in the checkpoint config): ``fmt``, ``transform_kind``, ``share_group`` (name
     of the group of layers that read the same input with an identical transform, or None).
+
+    ``transform_key`` (not saved; recomputed): a digest of ``transform`` and ``act_global_scale``
+    (:func:`content_key`). Why it exists: ``torch.compile`` makes the module buffers graph INPUTS, so a second
+    model of the same architecture reuses the first one's compiled graph as long as dynamo's guards (shapes,
+    dtypes, module structure, constant attributes) pass - buffer values are not guarded. The grouping pass
+    decides from values (which layers share one transform), so that decision must be guarded: ``forward``
+    branches on ``transform_key``, a string attribute, and dynamo guards a branch on a module's constant
+    attribute by value. A model whose transforms differ fails the guard and is recompiled (a model with equal
+    transforms has equal keys and reuses the graph). The key is refreshed whenever these buffers are assigned
+    (``setattr``, which is how transformers loads them, ``load_state_dict``), converted (``.to``), and by the
+    calibration code after its in-place writes. After editing the buffers in place yourself, call
+    :meth:`refresh_transform_key` (an eager forward also does, and the grouping pass refuses to group a layer
+    whose key no longer matches its values).
     """
 
     def __init__(
@@ -57,6 +97,33 @@ class WushLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
         else:
             self.bias = None
+        self.refresh_transform_key()
+
+    def refresh_transform_key(self) -> str:
+        """Recompute :attr:`transform_key` from the current buffer values (see the class docstring)."""
+        key = content_key(self.transform, self.act_global_scale, self.fmt.value)
+        self.__dict__["transform_key"] = key
+        self.__dict__["_key_versions"] = self._versions()
+        try:
+            setattr(self.transform, TENSOR_KEY_ATTR, key)
+        except (AttributeError, RuntimeError):  # a tensor that cannot carry attributes: the pass will not group it
+            pass
+        return key
+
+    def _versions(self) -> tuple:
+        try:
+            return tuple(self._buffers[n]._version for n in KEYED_BUFFERS)
+        except (RuntimeError, AttributeError):  # inference tensors track no version
+            return ()
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in KEYED_BUFFERS and all(n in self._buffers for n in KEYED_BUFFERS) and "fmt" in self.__dict__:
+            self.refresh_transform_key()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh_transform_key()
 
     _FP32_BUFFERS = ("weight_global_scale", "act_global_scale")
 
@@ -69,6 +136,7 @@ class WushLinear(nn.Module):
             new = self._buffers.get(name)
             if old is not None and new is not None and new.dtype != torch.float32:
                 self._buffers[name] = old.to(device=new.device)
+        self.refresh_transform_key()  # a dtype change rounds the transform
         return self
 
     @property
@@ -80,6 +148,11 @@ class WushLinear(nn.Module):
         return self.transform.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and self._versions() != self._key_versions:
+            self.refresh_transform_key()  # buffers edited in place since the key was computed (eager only)
+        # Read in a branch so that dynamo guards on its value (see the class docstring); never taken.
+        if not self.transform_key:
+            raise RuntimeError("WushLinear.transform_key is empty; call refresh_transform_key()")
         return torch.ops.wush.linear(
             x,
             self.weight_codes,

@@ -251,3 +251,40 @@ def test_rtn_data_free_transform_equals_quantize_linear(fmt, batches):
         direct = calibrate.quantize_linear(ref.get_submodule(name), None, cfg.replace(act_scale="fixed"), name=name)
         for buf in ("weight_codes", "weight_scales", "transform", "weight_global_scale"):
             assert torch.equal(getattr(wl, buf), getattr(direct, buf)), (name, buf)
+
+
+def test_failed_calibration_leaves_the_model_as_it_was(batches):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")  # fails in the last block
+    before["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="down_proj") as err:
+        calibrate.calibrate(model, batches, WushConfig(method="rtn"))
+    assert any("model is unchanged" in n for n in err.value.__notes__)
+    assert not _linears(model, WushLinear), "a failed calibration left WushLinears in the caller's model"
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k], ) or k.endswith("down_proj.weight")
+                                             for k in before)
+
+
+def test_calibrating_a_calibrated_model_raises(batches):
+    model = calibrate.calibrate(tiny_model(), batches, WushConfig(method="rtn", transform="hadamard"))
+    with pytest.raises(ValueError, match="already calibrated"):
+        calibrate.calibrate(model, batches, WushConfig(method="rtn", transform="identity"))
+
+
+def test_unknown_skip_layers_names_close_matches(batches):
+    with pytest.raises(ValueError, match=r"'down_prj' \(close: down_proj[,)]"):
+        calibrate.calibrate(tiny_model(), batches, WushConfig(skip_layers=("down_prj",)))
+
+
+def test_fewer_tokens_than_k_is_a_warning_with_numbers(caplog):
+    few = [torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))]  # 40 < K = 64, 128
+    with caplog.at_level("WARNING", logger="calibrate.pipeline"):
+        model = calibrate.calibrate(tiny_model(), few, WushConfig(method="rtn", transform="wush"))
+    (w,) = calibrate.get_report(model).warnings
+    assert "40 calibration tokens are fewer than K=64, 128" in w and "use at least 128 tokens" in w
+    assert w in caplog.text and w in calibrate.get_report(model).summary()
+    enough = tiny_batches()  # 2 x 2 x 32 = 128 tokens
+    assert not calibrate.get_report(calibrate.calibrate(tiny_model(), enough, WushConfig(method="rtn"))).warnings

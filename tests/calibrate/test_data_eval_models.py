@@ -129,3 +129,19 @@ def test_load_model_directory_round_trip(tmp_path):
     assert model.dtype == torch.float32
     ids = tok("ab c", add_special_tokens=False).input_ids
     assert len(ids) == 4 and tok.decode(ids) == "ab c"
+
+
+def test_read_text_rejects_binary_and_wrongly_encoded_files(tmp_path):
+    from calibrate import data
+
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"abc\x00\x01\x02" * 10)
+    with pytest.raises(ValueError, match=r"looks binary \(it holds NUL bytes at offset 3\)"):
+        data.read_text(binary)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"not valid utf-8 \(byte 0xe9 at offset 3\).*--encoding latin-1"):
+        data.read_text(latin)
+    assert data.read_text(latin, encoding="latin-1") == "caf\u00e9 cr\u00e8me"
+    with pytest.raises(ValueError, match="unknown text encoding 'nope'"):
+        data.read_text(latin, encoding="nope")

@@ -52,6 +52,7 @@ def wush_linear_from(
             m.act_global_scale.copy_(formats.nvfp4_global_scale(torch.tensor(NVFP4_ACT_AMAX)))
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach())
+    m.refresh_transform_key()
     return m.to(w.device)
 
 

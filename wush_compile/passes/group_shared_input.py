@@ -4,8 +4,13 @@ once, then each member's GEMM runs. Typical members: q/k/v and gate/up of a laye
 transform (``WushConfig.shared_transform``), or any layers with a data-free transform (identity, Hadamard).
 
 Transforms are compared by node identity or, for buffers, by value on the real example inputs the backend gets.
-The grouping treats calibrated buffers as constants: after changing them in place, recompile
-(``torch._dynamo.reset()``).
+A decision taken from values must hold for every later call of the compiled graph, and dynamo reuses a graph
+for ANOTHER model of the same architecture (buffers are graph inputs; their values are not guarded). It is
+guarded through ``WushLinear.transform_key`` (a digest of transform and activation scale that forward branches
+on, so dynamo guards its value and recompiles for a model whose transforms differ). This pass therefore groups
+only layers whose key is current - computed from exactly the values it compares - so the guard covers the
+decision (``wush_compile.modules.key_is_current``). After changing buffers in place, call
+``WushLinear.refresh_transform_key()`` (or ``torch._dynamo.reset()``).
 
 Counters (``torch._dynamo.utils.counters["wush"]``):
     groups                  grouped ops created
@@ -24,6 +29,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..modules import key_is_current
 from ._common import META_KEY, LinearRecord, PassContext, count, example_value
 
 logger = logging.getLogger(__name__)
@@ -61,6 +67,12 @@ def _compatible(a: fx.Node, b: fx.Node, ctx: PassContext) -> tuple[bool, str]:
     same_s = _same_tensor(a.args[_AGS], b.args[_AGS], ctx)
     if not same_s:
         return False, "activation global scales differ" if same_s is False else "activation scales cannot be compared"
+    for n in (a, b):
+        t, s = ctx.real_input(n.args[_T]), ctx.real_input(n.args[_AGS])
+        if t is None or s is None or not key_is_current(t, s, n.args[_FMT]):
+            return False, (
+                "transform key is not current (buffers edited in place; call WushLinear.refresh_transform_key())"
+            )
     return True, ""
 
 
