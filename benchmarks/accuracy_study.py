@@ -143,15 +143,39 @@ def batches_for(kw: dict, tokenizer, calib_ids: torch.Tensor, license_ids: torch
     return out
 
 
+def table(path: str) -> str:
+    """The results of ``path`` as a Markdown table: perplexity / fp per text, mean layer error, seconds."""
+    recs = list(_done(path).values())
+    fps = {r["eval_tokens"]: r["ppl"] for r in recs if r["kind"] == "fp"}
+    lines = [
+        "| configuration | eval tokens/text | pydoc ppl (x fp) | gpl3 ppl (x fp) | dpkg ppl (x fp) | mean layer rel. err | calib s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for et, fp in sorted(fps.items()):
+        lines.append(f"| full precision | {et} | {fp['pydoc']:.3f} | {fp['gpl3']:.3f} | {fp['dpkg']:.3f} | - | - |")
+    for r in recs:
+        if r["kind"] != "cfg":
+            continue
+        cells = " | ".join(f"{r['ppl'][t]:.3f} ({r['ratio'][t]:.3f}x)" for t in ("pydoc", "gpl3", "dpkg"))
+        lines.append(f"| {r['name']} | {r['eval_tokens']} | {cells} | {r['layer_rel_err']:.4f} | {r['calib_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--phase", action="append", required=True, help="screen | screen2 | data | full (repeatable)")
+    p.add_argument("--phase", action="append", default=[], help="screen | screen2 | data | full (repeatable)")
+    p.add_argument("--table", action="store_true", help="print the results in --out as a Markdown table and exit")
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per text (default 4096)")
     p.add_argument("--out", default="benchmarks/results/accuracy_study.jsonl")
     p.add_argument("--best", default="", help="knobs of the best setting, e.g. 'gptq_order=reverse,damp=0.1'")
     p.add_argument("--only", default=None, help="run only configurations whose name contains this")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.table:
+        print(table(args.out))
+        return 0
+    if not args.phase:
+        p.error("choose at least one --phase (or --table)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("calibrate", "wush_compile", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
