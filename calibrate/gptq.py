@@ -11,6 +11,13 @@ For block b (columns ``b*G:(b+1)*G``):
    columns: ``W[:, later] -= delta @ inv(L_bb^T) @ L[later, b]^T`` (the OBS update for a fixed block).
 
 The (G, G) algebra is float64; the weight and the column updates are float32.
+
+Knobs (``WushConfig.gptq_*``; the defaults are the algorithm above): the block order (``gptq_order``:
+forward, reverse, or act-order by the trace of each block's Hessian diagonal; the weight and H are permuted
+by whole blocks, so every transform block stays contiguous, and the outputs are permuted back), the damping
+scale (``gptq_damp_scope``: the mean diagonal of all of H or of each block's own diagonal) and the in-block
+schedule (``gptq_inblock``: columns left to right, by descending diagonal of the transformed-space Hessian,
+or no in-block updates at all).
 """
 
 from __future__ import annotations
@@ -27,7 +34,14 @@ from .rtn import DATA_AWARE_KINDS, QuantizedWeight, layer_transforms, weight_glo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["gptq_quantize", "gptq_quantize_group", "inverse_hessian_cholesky", "FrozenScaleQuantizer", "round_e2m1_magnitude"]
+__all__ = [
+    "gptq_quantize",
+    "gptq_quantize_group",
+    "inverse_hessian_cholesky",
+    "block_order",
+    "FrozenScaleQuantizer",
+    "round_e2m1_magnitude",
+]
 
 _MAX_DAMP_RETRIES = 6
 #: GPTQ's lazy-batch width: updates inside a window of this many columns are applied at once per block;
@@ -35,8 +49,39 @@ _MAX_DAMP_RETRIES = 6
 _LAZY_COLUMNS = 128
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, rel_damp: float, what: str = "hessian") -> torch.Tensor:
+def _damped(h: torch.Tensor, rel: float, block_size: int | None) -> torch.Tensor:
+    """``H + rel * mean(diag H) * I`` (``block_size`` None), or with each block's own mean diagonal."""
+    if block_size is None:
+        return transforms.damp(h, rel)
+    k = h.shape[0]
+    d = torch.diagonal(h).reshape(k // block_size, block_size).mean(1)  # (K/G,)
+    d = torch.where(d > 0, d, torch.ones_like(d))
+    return h + torch.diag((rel * d).repeat_interleave(block_size))
+
+
+def block_order(hessian: torch.Tensor | None, nblocks: int, order: str) -> torch.Tensor:
+    """The order GPTQ visits the ``nblocks`` column blocks in: (K/G,) int64.
+
+    "forward": 0, 1, ...; "reverse": last to first; "act": descending trace of each block's Hessian
+    diagonal (ties by index; None hessian: forward).
+    """
+    if order == "forward" or (order == "act" and hessian is None):
+        return torch.arange(nblocks)
+    if order == "reverse":
+        return torch.arange(nblocks - 1, -1, -1)
+    if order == "act":
+        tr = torch.diagonal(hessian).to(torch.float64).reshape(nblocks, -1).sum(1)  # (K/G,)
+        return torch.argsort(-tr.cpu(), stable=True)
+    raise ValueError(f"GPTQ block order {order!r} is unknown; choose 'forward', 'reverse' or 'act'")
+
+
+def inverse_hessian_cholesky(
+    hessian: torch.Tensor, rel_damp: float, what: str = "hessian", *, block_size: int | None = None
+) -> torch.Tensor:
     """``L = cholesky_lower(inv(H + rel_damp * mean(diag(H)) * I))`` in float64: (K, K).
+
+    With ``block_size`` the damping of each block of ``block_size`` columns is scaled by that block's own
+    mean diagonal instead of the whole diagonal's.
 
     Computed without forming the inverse: with J the exchange matrix and ``M = cholesky_lower(J Hd J)``,
     ``Hd = R R^T`` for the upper-triangular ``R = J M J``, so ``inv(Hd) = R^-T R^-1`` and
@@ -49,7 +94,7 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, rel_damp: float, what: str =
     eye = torch.eye(k, dtype=torch.float64, device=h.device)
     cur = rel_damp
     for attempt in range(_MAX_DAMP_RETRIES):
-        hd = transforms.damp(h, cur).flip(0, 1)  # (K, K) J Hd J
+        hd = _damped(h, cur, block_size).flip(0, 1)  # (K, K) J Hd J
         m, info = torch.linalg.cholesky_ex(hd)
         if int(info) == 0:
             m_inv = torch.linalg.solve_triangular(m, eye, upper=False)  # (K, K) lower
@@ -132,7 +177,9 @@ class FrozenScaleQuantizer:
         return (torch.copysign(round_e2m1_magnitude(v.abs()), v) * self._step) * self._g
 
 
-def _block_quantize(v: torch.Tensor, u_cols: torch.Tensor, quantizer: FrozenScaleQuantizer) -> torch.Tensor:
+def _block_quantize(
+    v: torch.Tensor, u_cols: torch.Tensor, quantizer: FrozenScaleQuantizer, updates: bool = True
+) -> torch.Tensor:
     """GPTQ inside one block, in transformed space, for rows that may belong to several layers.
 
     Args:
@@ -142,8 +189,10 @@ def _block_quantize(v: torch.Tensor, u_cols: torch.Tensor, quantizer: FrozenScal
             in-block inverse Hessian (transformed space) of the layer that row r belongs to.
     Returns:
         (G, N) fp32: each column's value right before it was quantized (its codes are those of these values
-        under the frozen scales).
+        under the frozen scales). ``updates=False``: no in-block updates (``v`` itself).
     """
+    if not updates:
+        return v.clone()
     g = v.shape[0]
     pre = torch.empty_like(v)  # (G, N)
     for j in range(g):
@@ -226,13 +275,8 @@ def gptq_quantize_group(
     n = w.shape[0]
     h = torch.eye(k, dtype=torch.float64, device=dev) if hessian is None else hessian.to(torch.float64)  # (K, K)
     h = (h + h.T) / 2
-    if inverse_cholesky is None:
-        low = inverse_hessian_cholesky(h, config.damp, what)  # (K, K) lower
-    else:
-        if tuple(inverse_cholesky.shape) != (k, k):
-            raise ValueError(f"{what}: inverse_cholesky must be ({k}, {k}), got {tuple(inverse_cholesky.shape)}")
-        low = inverse_cholesky.to(torch.float64)
-    h_blocks = h.reshape(nb, gsz, nb, gsz)[torch.arange(nb), :, torch.arange(nb), :]  # (K/G, G, G)
+    if inverse_cholesky is not None and tuple(inverse_cholesky.shape) != (k, k):
+        raise ValueError(f"{what}: inverse_cholesky must be ({k}, {k}), got {tuple(inverse_cholesky.shape)}")
 
     data_aware = config.transform in DATA_AWARE_KINDS
     fixed_t = [None if data_aware else layer_transforms(w[sg], None, config, dtype, sd) for sg, sd in zip(segs, seeds)]
@@ -246,6 +290,21 @@ def gptq_quantize_group(
             g_layers.append(torch.tensor(formats.MXFP4_GLOBAL_SCALE, dtype=torch.float32, device=dev))
     g_rows = torch.cat([g.reshape(1).expand(r) for g, r in zip(g_layers, rows)])  # (sum N,)
 
+    # Block order: permute whole blocks of W and H (every transform block stays contiguous); undone at the end.
+    perm = block_order(h, nb, config.gptq_order)  # (K/G,)
+    permuted = not bool(torch.equal(perm, torch.arange(nb)))
+    if permuted:
+        cols = (perm.to(dev)[:, None] * gsz + torch.arange(gsz, device=dev)).reshape(-1)  # (K,) new -> old column
+        w = w[:, cols].contiguous()
+        h = h[cols][:, cols]
+        fixed_t = [None if t is None else t[perm.to(t.device)] for t in fixed_t]
+    if inverse_cholesky is None or permuted:  # a given factor belongs to the unpermuted H
+        damp_block = gsz if config.gptq_damp_scope == "block" else None
+        low = inverse_hessian_cholesky(h, config.damp, what, block_size=damp_block)  # (K, K) lower
+    else:
+        low = inverse_cholesky.to(torch.float64)
+    h_blocks = h.reshape(nb, gsz, nb, gsz)[torch.arange(nb), :, torch.arange(nb), :]  # (K/G, G, G)
+    act_inblock = config.gptq_inblock == "act"
     codes = torch.empty(n, k, dtype=torch.uint8, device=dev)  # (sum N, K)
     scales = torch.empty(n, nb, dtype=torch.uint8, device=dev)  # (sum N, K/G)
     t_out = torch.empty(m, nb, gsz, gsz, dtype=dtype, device=dev)  # (layers, K/G, G, G)
@@ -264,7 +323,7 @@ def gptq_quantize_group(
         w_b = w[:, sl].to(torch.float64)  # (sum N, G): the error-updated block
         with single_thread():
             hinv = hinv_blocks[b]  # (G, G) = inv(Heff)
-            t64s, vs, us = [], [], []
+            t64s, vs, us, inv_perms = [], [], [], []
             for i, sg in enumerate(segs):
                 if data_aware:
                     t64 = transforms.wush_block_transforms(
@@ -279,8 +338,15 @@ def gptq_quantize_group(
                 t_out[i, b] = t
                 t64 = t.to(torch.float64)
                 t_inv = torch.linalg.inv(t64)  # (G, G)
-                vs.append((w_b[sg] @ t_inv).to(torch.float32))  # (N_i, G)
-                u = _cholesky_upper_spd(t_inv.T @ hinv @ t_inv, f"{names[i] or 'layer'} block {b}")  # (G, G)
+                vi = (w_b[sg] @ t_inv).to(torch.float32)  # (N_i, G)
+                hinv_t = t_inv.T @ hinv @ t_inv  # (G, G) inverse transformed-space Hessian
+                if act_inblock:  # columns by descending diagonal of the transformed Hessian T Heff T^T
+                    cperm = torch.argsort(-torch.diagonal(torch.linalg.inv(hinv_t)).cpu(), stable=True).to(dev)  # (G,)
+                    vi = vi[:, cperm]
+                    hinv_t = hinv_t[cperm][:, cperm]
+                    inv_perms.append(torch.argsort(cperm))
+                vs.append(vi)
+                u = _cholesky_upper_spd(hinv_t, f"{names[i] or 'layer'} block {b}")  # (G, G)
                 us.append(u.to(torch.float32))
                 t64s.append(t64)
             v = torch.cat(vs, 0)  # (sum N, G)
@@ -288,7 +354,11 @@ def gptq_quantize_group(
                 [formats.compute_scales(vi, fmt, None if fmt is Format.MXFP4 else gi)[0] for vi, gi in zip(vs, g_layers)]
             )  # (sum N, 1) frozen per-row scales
             u_cols = torch.cat([u.unsqueeze(-1).expand(-1, -1, r) for u, r in zip(us, rows)], 2)  # (G, G, sum N)
-            pre = _block_quantize(v.T.contiguous(), u_cols, FrozenScaleQuantizer(sc[:, 0], g_rows, fmt)).T  # (sum N, G)
+            pre = _block_quantize(
+                v.T.contiguous(), u_cols, FrozenScaleQuantizer(sc[:, 0], g_rows, fmt), config.gptq_inblock != "none"
+            ).T  # (sum N, G)
+            if act_inblock:  # back to the block's own column order
+                pre = torch.cat([pre[sg][:, ip] for sg, ip in zip(segs, inv_perms)], 0)
             deltas = []
             for i, sg in enumerate(segs):
                 c = formats.quantize_with_scales(pre[sg], sc[sg], g_layers[i], fmt)  # (N_i, G) codes
@@ -309,6 +379,11 @@ def gptq_quantize_group(
             first = win_end - len(pending) * gsz
             w[:, win_end:] -= torch.cat(pending, 1) @ low_t[first:win_end, win_end:]  # (sum N, K - win_end)
             pending.clear()
+    if permuted:  # back to the original column and block order
+        inv = torch.argsort(perm).to(dev)  # (K/G,)
+        codes = codes.reshape(n, nb, gsz)[:, inv].reshape(n, k)
+        scales = scales[:, inv]
+        t_out = t_out[:, inv]
     packed = formats.pack_fp4(codes)  # (sum N, K/2)
     return [
         QuantizedWeight(codes=packed[sg].clone(), scales=scales[sg].clone(), transform=t_out[i], global_scale=g_layers[i])

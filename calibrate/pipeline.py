@@ -10,7 +10,8 @@ For block i, whose inputs are the outputs of the already quantized blocks 0..i-1
    for NVFP4 with a static activation scale, the amax of the transformed inputs (times the headroom) sets it;
 3. run the QUANTIZED block (W4A4, through ``WushLinear.forward``) over all batches: its outputs are the next
    block's inputs, and each layer's relative output error ``||y_q - y|| / ||y||`` against the full-precision
-   layer is measured on the inputs the quantized block feeds it.
+   layer is measured on the inputs the quantized block feeds it. (``config.sequential`` False: the next
+   block gets the full-precision block's outputs instead, the non-sequential scheme.)
 
 Only one block's activations are alive at a time (on the CPU between uses with ``offload_activations``).
 """
@@ -453,6 +454,8 @@ def _calibrate_block(i, layers, arch, config, report, inputs, keep_chunks, needs
 
     if needs_capture:
         capture.capture_group_inputs(block, i, leaders, inputs, device=device, on_input=on_input)
+    # config.sequential False: the next block is calibrated on this block's full-precision outputs.
+    fp_next = None if config.sequential else capture.run_block(block, i, inputs, device=device)
     # 2. Quantize every group and swap the WushLinears in.
     meters: list[tuple[str, nn.Module, _ErrorMeter]] = []
     for members in groups:
@@ -475,7 +478,8 @@ def _calibrate_block(i, layers, arch, config, report, inputs, keep_chunks, needs
     # 3. The quantized block gives the next block's inputs; each layer's W4A4 error is measured on the way.
     handles = [wl.register_forward_hook(meter) for _, wl, meter in meters]
     try:
-        inputs.hidden = capture.run_block(block, i, inputs, device=device)
+        quantized_next = capture.run_block(block, i, inputs, device=device)
+        inputs.hidden = quantized_next if fp_next is None else fp_next
     finally:
         for h in handles:
             h.remove()

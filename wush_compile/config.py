@@ -77,6 +77,13 @@ class KernelChoice(_StrEnum):
     CUTLASS = "cutlass"  # native block-scaled FP4 MMA (Blackwell cubins)
 
 
+#: The choices of the GPTQ knobs of :class:`WushConfig` (the first is the default).
+GPTQ_CHOICES = {
+    "gptq_order": ("forward", "reverse", "act"),
+    "gptq_damp_scope": ("full", "block"),
+    "gptq_inblock": ("sequential", "act", "none"),
+}
+
 #: The fixed global scale the paper uses for NVFP4 (both operands).
 NVFP4_FIXED_GLOBAL_SCALE = 0.1
 
@@ -99,6 +106,15 @@ class WushConfig:
         damp: relative damping of the Hessians (fraction of the mean diagonal).
         act_scale: NVFP4 activation global scale, "static" (from calibration) or "fixed" (paper's 0.1).
         act_headroom: the static activation global scale covers this multiple of the calibration amax.
+        gptq_order: the order GPTQ walks the column blocks in: "forward" (first to last), "reverse" (last to
+            first) or "act" (descending trace of the block's Hessian diagonal; a block stays contiguous).
+        gptq_damp_scope: where the GPTQ damping is scaled: "full" (``damp * mean(diag H)`` on all of H) or
+            "block" (each block's columns get ``damp * mean(diag H_bb)`` of their own block).
+        gptq_inblock: the updates inside a block, in transformed space: "sequential" (column by column,
+            left to right), "act" (column by column, largest transformed-Hessian diagonal first) or "none"
+            (round every column of the block with the frozen scales; only the block error is propagated).
+        sequential: block i is calibrated on the outputs of the already quantized blocks (True, SPEC
+            section 4) or of the full-precision blocks (False).
     """
 
     format: Format = Format.MXFP4
@@ -113,6 +129,10 @@ class WushConfig:
     damp: float = 0.01
     act_scale: ActScale = ActScale.STATIC
     act_headroom: float = 2.0
+    gptq_order: str = "forward"
+    gptq_damp_scope: str = "full"
+    gptq_inblock: str = "sequential"
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         # Accept plain strings for the enums; store the enum.
@@ -144,7 +164,13 @@ class WushConfig:
                 f"got {self.skip_layers!r}"
             )
         object.__setattr__(self, "skip_layers", tuple(skip))
-        for flag in ("shared_transform", "offload_activations"):
+        for name, choices in GPTQ_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"WushConfig.{name}: unknown value {getattr(self, name)!r}; choose one of "
+                    f"{', '.join(repr(c) for c in choices)}"
+                )
+        for flag in ("shared_transform", "offload_activations", "sequential"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"WushConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
 

