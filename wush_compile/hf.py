@@ -620,7 +620,10 @@ class WushHfQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model):
         """The model's state dict with no storage shared between two WushLinear buffers (safetensors would drop
-        all but one name, e.g. of a transform shared by q/k/v)."""
+        all but one name, e.g. of a transform shared by q/k/v), the guard tensors and the integrity tensor. The
+        quantization config is rebuilt from the model first (current layers, current format version: a loaded
+        format-1 checkpoint is re-saved as format 2); save_pretrained writes config.json after this hook."""
+        attach(model)
         state = model.state_dict()
         seen: dict[Any, str] = {}
         for key, t in state.items():
