@@ -624,6 +624,8 @@ class WushHfQuantizer(HfQuantizer):
         quantization config is rebuilt from the model first (current layers, current format version: a loaded
         format-1 checkpoint is re-saved as format 2); save_pretrained writes config.json after this hook."""
         attach(model)
+        for mod in quantized_modules(model).values():  # scales set without refresh_row_exponent (by hand) included
+            mod.refresh_row_exponent()
         state = model.state_dict()
         seen: dict[Any, str] = {}
         for key, t in state.items():
