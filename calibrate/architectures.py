@@ -32,19 +32,40 @@ _LLAMA_LIKE = Architecture(
     ),
 )
 
+#: Phi-3: q/k/v and gate/up are fused into one Linear each.
+_PHI3 = Architecture(
+    layers_path="model.layers",
+    groups=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+)
+
 #: model_type -> Architecture. SmolLM / SmolLM2 checkpoints are ``llama``.
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "phi3": _PHI3,
 }
+
+#: Mixture-of-experts models: in transformers 5 their experts are one module holding 3-D weight tensors
+#: (``MixtralExperts.gate_up_proj`` (E, 2I, D), ``down_proj`` (E, D, I)), not Linears, so WushLinear cannot
+#: stand in for them (see the README's known gaps for the plan).
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "deepseek_v3", "olmoe", "gpt_oss")
 
 
 def get_architecture(model: nn.Module) -> Architecture:
     """The table entry for ``model.config.model_type``; a clear error naming the supported ones otherwise."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    if model_type in MOE_MODEL_TYPES:
+        raise ValueError(
+            f"calibrate: {model_type!r} ({type(model).__name__}) is a mixture-of-experts model; its experts are "
+            "fused 3-D weight tensors in transformers, not Linears, and wush_compile has no FP4 expert layer yet. "
+            f"Supported model_type values are: {', '.join(sorted(ARCHITECTURES))}"
+        )
     if model_type not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise ValueError(

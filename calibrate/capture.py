@@ -71,6 +71,7 @@ class BlockInputs:
     hidden: list[torch.Tensor]  # per batch (B, L, D): the current block's input hidden states
     kwargs: list[list[dict[str, Any]]]  # [block][batch] keyword arguments of that block's call
     storage: torch.device  # where the tensors are kept between uses
+    masks: list[torch.Tensor | None] | None = None  # per batch (B, L) bool: real tokens (None: all are)
 
 
 class _Catcher(nn.Module):
@@ -104,7 +105,13 @@ class _Catcher(nn.Module):
 
 
 def capture_block_inputs(
-    model: nn.Module, layers: nn.ModuleList, batches: Sequence[torch.Tensor], *, device, offload: bool
+    model: nn.Module,
+    layers: nn.ModuleList,
+    batches: Sequence[torch.Tensor],
+    *,
+    device,
+    offload: bool,
+    masks: Sequence[torch.Tensor | None] | None = None,
 ) -> BlockInputs:
     """Run the model up to its blocks for every batch; record block 0's hidden states and every block's kwargs."""
     storage = torch.device("cpu") if offload else torch.device(device)
@@ -113,13 +120,15 @@ def capture_block_inputs(
     hidden: list[torch.Tensor] = []
     kwargs: list[list[dict[str, Any]]] = [[] for _ in originals]
     n = len(originals)
+    masks = [None] * len(batches) if masks is None else list(masks)
     try:
         for i, block in enumerate(originals):
             layers[i] = _Catcher(block, i, i == n - 1, sink)
-        for ids in batches:
+        for ids, mask in zip(batches, masks):
             sink.clear()
+            extra = {} if mask is None else {"attention_mask": mask.to(device=device, dtype=torch.long)}
             try:
-                model(input_ids=ids.to(device), use_cache=False)
+                model(input_ids=ids.to(device), use_cache=False, **extra)
             except _Stop:
                 pass
             if "hidden" not in sink or len(sink.get("kwargs", {})) != n:
@@ -137,7 +146,8 @@ def capture_block_inputs(
     finally:
         for i, block in enumerate(originals):
             layers[i] = block
-    return BlockInputs(hidden=hidden, kwargs=kwargs, storage=storage)
+    kept = [None if m is None else m.to(device=storage, dtype=torch.bool) for m in masks]
+    return BlockInputs(hidden=hidden, kwargs=kwargs, storage=storage, masks=kept)
 
 
 def _block_output(out: Any) -> torch.Tensor:
@@ -172,11 +182,14 @@ def capture_group_inputs(
         return
     seen: list[str] = []
     order: list[str] = []
+    current: dict[str, torch.Tensor | None] = {"mask": None}
 
     def make_hook(name: str):
         def hook(_module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
             x2 = x.detach().reshape(-1, x.shape[-1])  # (B*L, K)
+            if current["mask"] is not None:  # padding never enters a Hessian
+                x2 = x2[current["mask"].reshape(-1).to(x2.device)]
             check_finite(x2, f"the input of {name}")
             on_input(name, x2)
             seen.append(name)
@@ -187,8 +200,10 @@ def capture_group_inputs(
 
     handles = [m.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, m in leaders.items()]
     try:
-        for hidden, kw in zip(inputs.hidden, inputs.kwargs[index]):
+        masks = inputs.masks or [None] * len(inputs.hidden)
+        for hidden, kw, mask in zip(inputs.hidden, inputs.kwargs[index], masks):
             seen.clear()
+            current["mask"] = mask
             try:
                 block(hidden.to(device), **to_device(kw, device))
             except _Stop:

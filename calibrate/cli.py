@@ -50,6 +50,7 @@ class QuantizeSettings:
     json_path: str | None = None
     out: str | None = None
     dtype: str = "float32"
+    device: str | None = None  # calibrate (block by block) and evaluate there; None: the CPU
 
 
 DEFAULTS = QuantizeSettings()
@@ -153,7 +154,7 @@ def run_quantize(s: QuantizeSettings) -> dict:
     )
 
     t = time.perf_counter()
-    fp_ppl = evaluate.perplexity(model, eval_ids, s.seqlen, desc="eval fp")
+    fp_ppl = _perplexity_on(model, eval_ids, s, "eval fp")
     logger.info("[time] full-precision evaluation: %.1f s (ppl %.3f)", time.perf_counter() - t, fp_ppl)
 
     rows: list[Row] = []
@@ -163,12 +164,12 @@ def run_quantize(s: QuantizeSettings) -> dict:
         tag = f"{cfg.format.value}/{cfg.method.value}/{cfg.transform.value}"
         qmodel = copy.deepcopy(model)
         t = time.perf_counter()
-        cal.calibrate(qmodel, batches, cfg)
+        cal.calibrate(qmodel, batches, cfg, device=s.device)
         calib_s = time.perf_counter() - t
         report = cal.get_report(qmodel)
         reports.append(report)
         t = time.perf_counter()
-        ppl = evaluate.perplexity(qmodel, eval_ids, s.seqlen, desc=f"eval {tag}")
+        ppl = _perplexity_on(qmodel, eval_ids, s, f"eval {tag}")
         eval_s = time.perf_counter() - t
         logger.info("[time] %s: calibration %.1f s, evaluation %.1f s (ppl %.3f)", tag, calib_s, eval_s, ppl)
         rows.append(Row(cfg.format.value, cfg.method.value, cfg.transform.value, ppl, report.mean_rel_err, calib_s, eval_s))
@@ -187,6 +188,7 @@ def run_quantize(s: QuantizeSettings) -> dict:
         f"tokens in chunks of {s.seqlen}"
     )
     print(format_table(fp_ppl, rows))
+    print(baseline_label(s.model))
     skipped = {name_: reason for rep in reports for name_, reason in rep.skipped}
     if skipped:
         print(f"left in high precision ({len(skipped)} Linears besides embeddings and lm_head):")
@@ -219,6 +221,31 @@ def run_quantize(s: QuantizeSettings) -> dict:
             json.dump(result, f, indent=2)
         print(f"wrote {s.json_path}")
     return result
+
+
+def baseline_label(model_spec: str | None) -> str:
+    """What the table's ``fp`` row is (the demo model's weights are a Q4_1 GGUF, dequantized)."""
+    from . import models
+
+    if model_spec is None:
+        return "baseline (fp row): SmolLM2-135M-Instruct Q4_1 GGUF, dequantized (the demo model ships only this file)"
+    if str(model_spec).lower().endswith(".gguf"):
+        return f"baseline (fp row): {os.path.basename(str(model_spec))}, dequantized"
+    return f"baseline (fp row): {model_spec} as loaded"
+
+
+def _perplexity_on(model, eval_ids, s: QuantizeSettings, desc: str) -> float:
+    """Perplexity on ``s.device`` (the model goes there for the evaluation and back)."""
+    from . import evaluate
+
+    if s.device is None:
+        return evaluate.perplexity(model, eval_ids, s.seqlen, desc=desc)
+    home = next(model.parameters()).device
+    model.to(s.device)
+    try:
+        return evaluate.perplexity(model, eval_ids, s.seqlen, desc=desc)
+    finally:
+        model.to(home)
 
 
 def run_eval(model_spec: str | None, eval_text: str | None, seqlen: int, eval_tokens: int, dtype: str = "float32") -> float:
@@ -266,10 +293,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         shared_transform=args.shared_transform,
-        compare=args.compare,
+        compare=resolve_compare(args.compare, args.out),
         json_path=args.json,
         out=args.out,
         dtype=args.dtype,
+        device=getattr(args, "device", None),
     )
     try:
         run_quantize(settings)
@@ -310,7 +338,8 @@ def register(subparsers) -> None:
     q.add_argument("--seed", type=int, default=d.seed, help="seed of the calibration sample order and random transforms")
     q.add_argument("--shared-transform", action="store_true", help="one transform per group of Linears sharing an input")
     q.add_argument("--dtype", choices=sorted(_DTYPES), default=d.dtype, help="model dtype (default float32)")
-    q.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True, help="also run identity/hadamard/wush x rtn/gptq (default on; --no-compare runs only the chosen configuration)")
+    q.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None, help="also run identity/hadamard/wush x rtn/gptq (default: on without --out, off with --out)")
+    q.add_argument("--device", metavar="DEV", default=None, help="calibrate on DEV (e.g. cuda), one decoder block at a time, the model staying on the CPU; evaluate there too")
     q.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")
     q.add_argument("--out", metavar="DIR", default=None, help="save the chosen configuration as a checkpoint (model.save_pretrained)")
     q.set_defaults(func=_cmd_quantize)
@@ -321,4 +350,87 @@ def register(subparsers) -> None:
     e.add_argument("--seqlen", metavar="L", type=_positive_int, default=d.seqlen, help=f"tokens per evaluation chunk (default {d.seqlen})")
     e.add_argument("--eval-tokens", metavar="T", type=_positive_int, default=d.eval_tokens, help=f"held-out tokens to evaluate (default {d.eval_tokens})")
     e.add_argument("--dtype", choices=sorted(_DTYPES), default=d.dtype, help="model dtype (default float32)")
-    e.set_defaults(func=_cmd_eval)
+    add_eval_options(e)
+    e.set_defaults(func=_cmd_eval_tasks)
+
+
+# ---- workflow options (quantize --compare default, eval --device / --batch-size / --compile / --tasks) -------
+
+
+def resolve_compare(compare: bool | None, out: str | None) -> bool:
+    """``--compare`` unless given: the six-configuration comparison without ``--out``, only the chosen one with it."""
+    return (out is None) if compare is None else compare
+
+
+def add_eval_options(e) -> None:
+    e.add_argument("--device", metavar="DEV", default=None, help="run on DEV (e.g. cuda; default cpu)")
+    e.add_argument("--batch-size", metavar="B", type=_positive_int, default=1, help="sequences per forward (default 1)")
+    e.add_argument("--compile", action="store_true", help="evaluate torch.compile(model, backend='wush')")
+    e.add_argument("--tasks", metavar="T1,T2", default=None,
+                   help="lm-evaluation-harness tasks instead of perplexity (needs: pip install lm_eval)")
+    e.add_argument("--include-path", metavar="DIR", default=None, help="--tasks: a folder of extra task YAMLs")
+    e.add_argument("--limit", metavar="N", type=_positive_int, default=None, help="--tasks: at most N examples per task")
+
+
+def load_for_eval(model_spec: str | None, dtype: str, device: str | None, compile_: bool):
+    """``(model, tokenizer)`` on ``device``, compiled with the wush backend when asked."""
+    from . import models
+
+    model, tokenizer = models.load_model(model_spec, dtype=_DTYPES[dtype])
+    if device is not None:
+        model.to(device)
+    if compile_:
+        import wush_compile  # noqa: F401  (backend="wush")
+
+        model.forward = torch.compile(model.forward, backend="wush", dynamic=True)
+    return model, tokenizer
+
+
+def run_tasks(model, tokenizer, tasks: list[str], *, batch_size: int = 1, include_path: str | None = None,
+              limit: int | None = None) -> dict:
+    """lm-evaluation-harness ``simple_evaluate`` on an in-memory model; returns its ``results`` per task."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as exc:
+        raise ImportError("--tasks runs lm-evaluation-harness, which is not installed: pip install lm_eval") from exc
+    kwargs = {}
+    if include_path is not None:
+        from lm_eval.tasks import TaskManager
+
+        kwargs["task_manager"] = TaskManager(include_path=include_path)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, **kwargs)
+    return out["results"]
+
+
+def run_eval_on(model_spec, eval_text, seqlen, eval_tokens, dtype="float32", *, device=None, batch_size=1,
+                compile_=False) -> float:
+    """Held-out perplexity with ``--device`` / ``--batch-size`` / ``--compile``."""
+    from . import data, evaluate
+
+    model, tokenizer = load_for_eval(model_spec, dtype, device, compile_)
+    text = data.read_text(eval_text) if eval_text else data.default_texts()[1]
+    ids = data.evaluation_tokens(data.tokenize(tokenizer, text), seqlen, eval_tokens)
+    return evaluate.perplexity(model, ids, seqlen, batch_size=batch_size, desc="eval")
+
+
+def _cmd_eval_tasks(args: argparse.Namespace) -> int:
+    name = args.model or "SmolLM2-135M-Instruct demo"
+    try:
+        if args.tasks:
+            tasks = [t for t in args.tasks.split(",") if t]
+            model, tokenizer = load_for_eval(args.model, args.dtype, args.device, args.compile)
+            results = run_tasks(model, tokenizer, tasks, batch_size=args.batch_size,
+                                include_path=args.include_path, limit=args.limit)
+            for task, metrics in results.items():
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+                print(f"{task}: {shown} ({name})")
+            return 0
+        ppl = run_eval_on(args.model, args.eval_text, args.seqlen, args.eval_tokens, args.dtype,
+                          device=args.device, batch_size=args.batch_size, compile_=args.compile)
+    except _user_errors() as exc:
+        print(f"wush eval: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"perplexity {ppl:.4f} ({name}, seqlen {args.seqlen}, held-out text)")
+    return 0

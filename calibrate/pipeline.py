@@ -100,11 +100,42 @@ def get_report(model: nn.Module) -> CalibrationReport:
     return report
 
 
+def _split_mask(i: int, item):
+    """``(ids, mask or None)`` of one batch: a tensor, or a mapping with ``input_ids`` and ``attention_mask``."""
+    if isinstance(item, torch.Tensor) or not hasattr(item, "keys"):
+        return item, None
+    if "input_ids" not in item:
+        raise TypeError(f"calibrate: batch {i} is a mapping without 'input_ids' (keys {sorted(item.keys())})")
+    ids, mask = item["input_ids"], item.get("attention_mask")
+    if mask is None:
+        return ids, None
+    mask = torch.as_tensor(mask)
+    if ids.dim() == 1:
+        ids, mask = ids.unsqueeze(0), mask.reshape(1, -1)
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(
+            f"calibrate: batch {i} has attention_mask of shape {tuple(mask.shape)} but input_ids of shape "
+            f"{tuple(ids.shape)}; they must match"
+        )
+    mask = mask.bool()
+    if not bool(mask.any()):
+        raise ValueError(f"calibrate: batch {i} has an attention_mask with no real token")
+    return ids, (None if bool(mask.all()) else mask)
+
+
 def _prepare_batches(batches: Iterable[torch.Tensor], vocab_size: int | None) -> list[torch.Tensor]:
+    """Token-id batches as (B, L) int64; see :func:`_prepare_masked_batches` for batches with masks."""
+    return _prepare_masked_batches(batches, vocab_size)[0]
+
+
+def _prepare_masked_batches(batches, vocab_size: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     if isinstance(batches, torch.Tensor):
         batches = [batches] if batches.dim() <= 2 and batches.numel() else list(batches)
     out = []
-    for i, ids in enumerate(batches):
+    masks = []
+    for i, item in enumerate(batches):
+        ids, mask = _split_mask(i, item)
+        masks.append(mask)
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"calibrate: batch {i} is a {type(ids).__name__}; pass token-id tensors (B, L) or (L,)")
         if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -127,7 +158,7 @@ def _prepare_batches(batches: Iterable[torch.Tensor], vocab_size: int | None) ->
             "calibrate: no calibration batches; pass a non-empty iterable of token-id tensors, e.g. "
             "calibrate.data.calibration_batches(tokenizer, nsamples=..., seqlen=...)"
         )
-    return out
+    return out, masks
 
 
 def _skip_reason(name: str, linear: nn.Linear, config: WushConfig) -> str | None:
@@ -166,6 +197,27 @@ class _ErrorMeter:
         if self.den > 0:
             return math.sqrt(self.num / self.den)
         return 0.0 if self.num == 0 else math.inf
+
+
+def _onload(block: nn.Module, device) -> None:
+    """Move one decoder block to the compute device (block-by-block calibration)."""
+    block.to(device)
+
+
+def _offload(block: nn.Module, home) -> None:
+    """Move a calibrated block back where the model lives."""
+    block.to(home)
+
+
+def _move_inputs(inputs: "capture.BlockInputs", device) -> "capture.BlockInputs":
+    memo: dict = {}
+    return dataclasses.replace(
+        inputs,
+        hidden=[capture.to_device(h, device, memo) for h in inputs.hidden],
+        kwargs=[[capture.to_device(kw, device, memo) for kw in per_block] for per_block in inputs.kwargs],
+        masks=None if inputs.masks is None else [capture.to_device(m, device, memo) for m in inputs.masks],
+        storage=torch.device(device),
+    )
 
 
 def group_name(prefix: str, paths) -> str:
@@ -250,14 +302,18 @@ def _record_config(model: nn.Module, config: WushConfig) -> None:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushConfig) -> nn.Module:
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushConfig, *, device=None) -> nn.Module:
     """Calibrate ``model`` in place into WUSH-transformed FP4 Linears (SPEC section 4) and return it.
 
     Args:
         model: a Hugging Face ``*ForCausalLM`` of a supported architecture (:mod:`calibrate.architectures`),
             float32 / bfloat16 / float16, on one device.
-        batches: an iterable of token-id tensors, each (B, L) or (L,).
+        batches: an iterable of token-id tensors, each (B, L) or (L,), or of mappings with ``input_ids`` and
+            ``attention_mask`` (ragged samples padded: padded tokens enter no Hessian and no token count).
         config: the :class:`~wush_compile.WushConfig`.
+        device: where the blocks are calibrated (default: the model's device). When it is not the model's
+            device, the model stays where it is and one decoder block at a time is moved to ``device``,
+            calibrated and moved back (a model larger than the GPU calibrates on it block by block).
 
     Every Linear of the decoder blocks listed in the architecture table becomes a :class:`WushLinear`
     except those in ``config.skip_layers`` and those whose in_features is not a multiple of G (reported).
@@ -278,11 +334,14 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushCon
             f"calibrate: model dtype {dtype} is not supported; convert it to one of "
             f"{', '.join(str(d) for d in MODEL_DTYPES)} (e.g. model.to(torch.float32))"
         )
-    device = params[0].device
+    home = params[0].device
+    device = home if device is None else torch.device(device)
+    onload = device != home
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(emb, "num_embeddings", None)
-    batch_list = _prepare_batches(batches, vocab)
-    report = CalibrationReport(config=config, tokens=sum(int(b.numel()) for b in batch_list))
+    batch_list, masks = _prepare_masked_batches(batches, vocab)
+    tokens = sum(int(b.numel()) if m is None else int(m.sum()) for b, m in zip(batch_list, masks))
+    report = CalibrationReport(config=config, tokens=tokens)
     was_training = model.training
     model.eval()
     logger.info(
@@ -290,14 +349,18 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushCon
         len(layers), type(model).__name__, model.config.model_type, len(batch_list), report.tokens, config,
     )
     inputs = capture.capture_block_inputs(
-        model, layers, batch_list, device=device, offload=config.offload_activations
+        model, layers, batch_list, device=home, offload=config.offload_activations or onload, masks=masks
     )
+    if onload and not config.offload_activations:
+        inputs = _move_inputs(inputs, device)
     keep_chunks = config.format is Format.NVFP4 and config.act_scale is ActScale.STATIC
     # RTN with a data-free transform (identity, hadamard, random) needs no Hessian: skip the capture pass.
     needs_capture = keep_chunks or config.method is Method.GPTQ or config.transform in DATA_AWARE_KINDS
     desc = f"calibrate {config.format.value}/{config.method.value}/{config.transform.value}"
     for i in tqdm(range(len(layers)), desc=desc, unit="block"):
         block = layers[i]
+        if onload:
+            _onload(block, device)
         prefix = f"{arch.layers_path}.{i}"
         groups = _block_groups(block, prefix, arch.groups, config, report)
         # 1. Hessians (and, for the NVFP4 static scale, the inputs) of each group's shared input.
@@ -337,6 +400,8 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushCon
         finally:
             for h in handles:
                 h.remove()
+            if onload:
+                _offload(block, home)
         for full, wl, meter in meters:
             report.layers.append(LayerRecord(full, wl.in_features, wl.out_features, meter.rel_err, wl.share_group))
     report.seconds = time.perf_counter() - start

@@ -525,10 +525,11 @@ def test_import_twice_and_reload_in_a_fresh_process():
 
 
 def test_from_pretrained_refuses_on_the_fly_quantization(tmp_path):
-    """quant_method "wush" needs calibration data: a full-precision checkpoint cannot be quantized on load."""
+    """The default (GPTQ + WUSH) needs calibration data: quantizing on load fails, naming wush_compile.quantize
+    (the data-free configurations quantize on load: tests/calibrate/test_onload.py)."""
     plain = tiny_llama()
     plain.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="pre-quantized"):
+    with pytest.raises(ValueError, match=r"needs calibration data.*wush_compile\.quantize"):
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=hf.WushQuantizationConfig())
 
 

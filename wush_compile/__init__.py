@@ -16,8 +16,11 @@ from . import ops  # noqa: F401  (registers torch.ops.wush.*)
 from .ops.dispatch import pin_kernel
 from . import backend as _backend
 from .explain import explain
+from .api import quantize
+from . import generation  # noqa: F401  (wush_compile.generation.generate; warns on eager generate of a compiled model)
 from . import hf  # noqa: F401  (registers quant_method "wush" with transformers: save_pretrained / from_pretrained)
 
+generation.register()
 _backend.register()  # backend="wush" (also resolvable through the torch_dynamo_backends entry point)
 torch._logging._internal.register_log("wush_compile", "wush_compile")  # TORCH_LOGS="+wush_compile"
 
@@ -32,6 +35,7 @@ __all__ = [
     "WushConfig",
     "WushLinear",
     "explain",
+    "quantize",
     "pin_kernel",
     "formats",
     "transforms",

@@ -591,6 +591,12 @@ class WushHfQuantizer(HfQuantizer):
     requires_calibration = True
     quantization_config: WushQuantizationConfig
 
+    def __init__(self, quantization_config, **kwargs) -> None:
+        if not kwargs.get("pre_quantized", True):  # quantize on load: data-free configurations only
+            self.requires_calibration = False
+            self._on_load_config = on_load_config(quantization_config)
+        super().__init__(quantization_config, **kwargs)
+
     def validate_environment(self, *args, **kwargs) -> None:
         return None
 
@@ -601,6 +607,8 @@ class WushHfQuantizer(HfQuantizer):
         return False
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if not self.pre_quantized:
+            return model  # full-precision weights load first; quantized after loading
         qc = self.quantization_config
         n = replace_linears(model, qc)
         self._index = {}
@@ -613,6 +621,8 @@ class WushHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            return quantize_on_load(model, self._on_load_config)
         _set_row_exponents(model, getattr(self, "_index", {}))
         _check_loaded(model)
         verify_checksums(model, getattr(self, "_index", {}), self.quantization_config)
@@ -692,6 +702,31 @@ def _set_row_exponents(model: nn.Module, index: dict) -> None:
                 f"{path}: tensor '{name}.weight_row_exponent' does not match the row maxima of "
                 f"'{name}.weight_scales'; the file is corrupt or was edited - save it again"
             )
+
+
+def on_load_config(qconfig: WushQuantizationConfig) -> WushConfig:
+    """The :class:`WushConfig` a user's ``WushQuantizationConfig(method=..., transform=..., format=...)`` asks to
+    quantize on load with; a ValueError naming ``wush_compile.quantize`` for a data-aware one."""
+    from calibrate.onload import check_data_free
+
+    if qconfig.modules:
+        raise ValueError(
+            "quantization_config lists quantized modules, but the checkpoint is not a wush checkpoint; pass "
+            "WushQuantizationConfig(method='rtn', transform=...) to quantize on load"
+        )
+    base = qconfig.wush_config() or WushConfig()
+    fields = {"format": qconfig.format, "method": qconfig.method, "transform": qconfig.transform}
+    return check_data_free(base.replace(**{k: v for k, v in fields.items() if v is not None}))
+
+
+def quantize_on_load(model: nn.Module, config: WushConfig) -> nn.Module:
+    """Data-free RTN of a freshly loaded full-precision model (``calibrate.onload``); marks it a wush model."""
+    from calibrate.onload import quantize_loaded
+
+    quantize_loaded(model, config)
+    attach(model, config)
+    model.hf_quantizer.pre_quantized = True  # what it holds now is quantized (save_pretrained / reload)
+    return model
 
 
 def _is_wush_buffer(model: nn.Module, key: str) -> bool:

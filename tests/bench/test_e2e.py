@@ -30,7 +30,10 @@ def test_tiny_model_end_to_end(tmp_path):
     out = e2e.run(s, out_dir=tmp_path, log=logged.append)
     (r,) = out["results"]
     assert r["wush_linears"] == r["quantized_layers"] == 2 * 7
-    for variant in ("bf16", "wush"):
+    assert r["fp8"]["label"].startswith("fp8 w8a8")
+    assert set(r["ratios_vs_fp8"]) == {"prefill_tok_s", "decode_b1_tok_s", "decode_b2_tok_s", "model_bytes"}
+    assert r["fp8"]["model_bytes"] < r["bf16"]["model_bytes"]
+    for variant in ("bf16", "fp8", "wush"):
         v = r[variant]
         assert v["recompiles_while_timing"] == 0, v
         assert v["prefill_tok_s"] > 0 and v["decode_b1_tok_s"] > 0 and v["decode_b2_tok_s"] > 0

@@ -16,11 +16,11 @@ def register(subparsers) -> None:
     p.add_argument("--e2e", action="store_true",
                    help="end to end: compiled prefill/decode tokens/s, wush vs bf16 (and SmolLM2 greedy text)")
     p.add_argument("--model", action="append", default=None,
-                   help="--e2e models: smollm2_shape, llama8b (random weights, speed only), smollm2 (real weights, "
-                        "greedy text check); default smollm2_shape and llama8b")
+                   help="--e2e models: smollm2_shape, llama8b (random weights, speed only), smollm2 (real weights, greedy text check), or a checkpoint DIR; "
+                        "default smollm2_shape and llama8b")
     p.add_argument("--prompt-len", type=int, default=2048, help="--e2e prefill prompt length (default 2048)")
     p.add_argument("--new-tokens", type=int, default=256, help="--e2e decode steps (default 256)")
-    p.add_argument("--batch", type=int, action="append", default=None, help="--e2e decode batch sizes (default 1 16)")
+    p.add_argument("--batch", type=int, action="append", default=None, help="--e2e decode batch sizes (default 1 16 64)")
     p.add_argument("--profile", action="store_true",
                    help="--e2e: also profile one prefill and 16 decode steps (kernels by category, time outside GEMMs)")
     p.add_argument("--shared-transform", action="store_true",
@@ -31,6 +31,8 @@ def register(subparsers) -> None:
                    help="layer shape(s) to run (default: all of qkv, o, gate_up, down, 70b_down)")
     p.add_argument("--m", type=int, action="append", default=None, help="token counts M (default 1 16 128 2048 8192)")
     p.add_argument("--fmt", action="append", default=None, choices=["mxfp4", "nvfp4"], help="formats (default both)")
+    p.add_argument("--no-fp8", action="store_true",
+                   help="--e2e: skip the fp8 W8A8 baseline (measured by default in the same run)")
     p.add_argument("--sweep", action="store_true", help="first time the decode tile candidates (layers.SWEEP)")
     p.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for JSON + PNG (default out/bench)")
     p.set_defaults(func=_run)
@@ -45,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
 
         settings = e2e.E2ESettings(
             models=tuple(args.model or e2e.E2ESettings.models), fmt=(args.fmt or ["mxfp4"])[0],
-            prompt_len=args.prompt_len, new_tokens=args.new_tokens, batches=tuple(args.batch or (1, 16)),
+            prompt_len=args.prompt_len, new_tokens=args.new_tokens, batches=tuple(args.batch or e2e.E2ESettings.batches), fp8=not args.no_fp8,
             profile=args.profile, also_cuda_decode=args.also_cuda_decode,
             shared_transform=args.shared_transform)
         e2e.run(settings, out_dir=args.out, log=print)

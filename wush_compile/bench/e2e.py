@@ -4,6 +4,8 @@ For each model: prefill tokens/s (one prompt of ``prompt_len``) and decode token
 ``new_tokens`` greedy steps on a static KV cache) for
 
     bf16:  torch.compile(forward, backend="inductor", mode=MODE)
+    fp8:   the same model with fp8 W8A8 Linears (dynamic per-row activation scales, per-row weight scales,
+           ``torch._scaled_mm``; bench/fp8_baseline.py), torch.compile(..., backend="inductor", mode=MODE)
     wush:  torch.compile(forward, backend="wush",     mode=MODE)
 
 in the same run, plus compile time, peak GPU memory, the model's bytes, and the dynamo counters after
@@ -54,7 +56,7 @@ class E2ESettings:
     fmt: Format = Format.MXFP4
     prompt_len: int = 2048
     new_tokens: int = 256
-    batches: tuple[int, ...] = (1, 16)
+    batches: tuple[int, ...] = (1, 16, 64)
     mode: str | None = MODE
     layers: int | None = None  # override the number of decoder layers (smoke tests)
     text_tokens: int = 48  # greedy tokens shown for the real model
@@ -64,17 +66,46 @@ class E2ESettings:
     shared_transform: bool = False
     # also measure the wush model with the Hopper CUDA decode kernels (opt-in: kernels.CUDA_DECODE)
     also_cuda_decode: bool = False
+    # the fp8 W8A8 baseline (what a user would pick instead), measured in the same run (GPU: needs sm_89+)
+    fp8: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", Format.parse(self.fmt))
-        unknown = [m for m in self.models if m not in (*SHAPES, "smollm2", "tiny")]
+        unknown = [m for m in self.models if m not in (*SHAPES, "smollm2", "tiny") and not _is_checkpoint(m)]
         if unknown:
-            raise ValueError(f"e2e: unknown model(s) {unknown}; choose from {sorted(SHAPES)}, smollm2, tiny")
+            raise ValueError(
+                f"e2e: unknown model(s) {unknown}; choose from {sorted(SHAPES)}, smollm2, tiny, or a checkpoint "
+                "directory (model.save_pretrained output with config.json)"
+            )
         if self.prompt_len < 1 or self.new_tokens < 1 or not self.batches or min(self.batches) < 1:
             raise ValueError(f"e2e: prompt_len, new_tokens and batches must be positive, got {self}")
 
 
 # ----------------------------------------------------------------------------------------------- models
+
+
+def _is_checkpoint(name: str) -> bool:
+    import os
+
+    return os.path.isfile(os.path.join(name, "config.json"))
+
+
+def run_checkpoint(path: str, s: "E2ESettings", device, out: dict) -> nn.Module:
+    """A user's saved checkpoint (wush or not): compiled wush speed on a GPU, greedy text eager vs compiled."""
+    from calibrate.models import load_model
+
+    on_gpu = device.type == "cuda"
+    model, tok = load_model(path, dtype=torch.float32)
+    model = model.to(device=device, dtype=torch.bfloat16 if on_gpu else torch.float32).eval().requires_grad_(False)
+    out["note"] = f"checkpoint {path}"
+    if on_gpu:
+        out["wush"] = measure(model, "wush", s, model.config.vocab_size, device, f"wush ({path})")
+    ids = tok(PROMPT, return_tensors="pt").input_ids.to(device)
+    eager_tokens, _, _ = Runner(model, "", None, device).generate(ids, s.text_tokens)
+    torch._dynamo.reset()
+    out["text"] = _text_check(model, tok, Runner(model, "wush", s.mode if on_gpu else None, device), eager_tokens, s,
+                              device)
+    return model
 
 
 def _random_llama(device, dtype, layers: int | None, shape: str) -> nn.Module:
@@ -340,7 +371,9 @@ def run_model(name: str, s: E2ESettings, device, out: dict | None = None,
     dtype = torch.bfloat16 if on_gpu else torch.float32
     out = {} if out is None else out
     out["model"] = name
-    if name == "smollm2":
+    if _is_checkpoint(name) and name not in SHAPES and name not in ("smollm2", "tiny"):
+        model = run_checkpoint(name, s, device, out)
+    elif name == "smollm2":
         # The real model: greedy text of full precision, eager wush and compiled wush (speed too on a GPU).
         from calibrate import calibrate
         from calibrate.data import calibration_batches, default_texts, tokenize
@@ -353,6 +386,7 @@ def run_model(name: str, s: E2ESettings, device, out: dict | None = None,
         fp_tokens, _, _ = Runner(model, "", None, device).generate(ids, s.text_tokens)
         if on_gpu:
             out["bf16"] = measure(model, "inductor", s, vocab, device, "bf16")
+            _measure_fp8(model, s, vocab, device, out)
         # the calibration of `wush quantize`'s default (8 x 512 tokens of the installed text)
         cfg = WushConfig(format=s.fmt, method=Method.GPTQ, transform=TransformKind.WUSH, nsamples=8, seqlen=512)
         calib_text, _ = default_texts()
@@ -372,6 +406,8 @@ def run_model(name: str, s: E2ESettings, device, out: dict | None = None,
         out["bf16"] = measure(model, "inductor", s, vocab, device, "bf16")
         checkpoint()
         _release_compiled()
+        _measure_fp8(model, s, vocab, device, out)
+        checkpoint()
         cfg = WushConfig(format=s.fmt, method=Method.RTN, transform=TransformKind.WUSH,
                          shared_transform=s.shared_transform)
         t0 = time.perf_counter()
@@ -391,9 +427,7 @@ def run_model(name: str, s: E2ESettings, device, out: dict | None = None,
             finally:
                 kernels.CUDA_DECODE = old
     if "bf16" in out and "wush" in out:
-        b, w = out["bf16"], out["wush"]
-        out["ratios"] = {k: w[k] / b[k] for k in b if k.endswith("tok_s")}
-        out["ratios"]["model_bytes"] = w["model_bytes"] / b["model_bytes"]
+        _ratios(out)
     out["wush_linears"] = sum(isinstance(m, WushLinear) for m in model.modules())
     del model
     gc.collect()
@@ -401,9 +435,45 @@ def run_model(name: str, s: E2ESettings, device, out: dict | None = None,
     return out
 
 
+def _fp8_supported(device) -> tuple[bool, str]:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        return False, f"capability {torch.cuda.get_device_capability(device)} has no fp8 tensor cores"
+    return True, ""
+
+
+def _measure_fp8(model: nn.Module, s: E2ESettings, vocab: int, device, out: dict) -> None:
+    """The fp8 W8A8 variant of the still full-precision ``model`` (a converted copy; the original is kept)."""
+    import copy
+
+    from .fp8_baseline import to_fp8
+
+    ok, why = _fp8_supported(device)
+    if not s.fp8 or not ok:
+        if s.fp8:
+            out["fp8_skipped"] = why
+        return
+    fp8_model = copy.deepcopy(model)
+    impl = to_fp8(fp8_model, prefer_torchao=True)
+    try:
+        out["fp8"] = measure(fp8_model, "inductor", s, vocab, device, f"fp8 w8a8 ({impl})")
+    finally:
+        del fp8_model
+        _release_compiled()
+
+
+def _ratios(out: dict) -> None:
+    b, w = out["bf16"], out["wush"]
+    out["ratios"] = {k: w[k] / b[k] for k in b if k.endswith("tok_s")}
+    out["ratios"]["model_bytes"] = w["model_bytes"] / b["model_bytes"]
+    if "fp8" in out:
+        f = out["fp8"]
+        out["ratios_vs_fp8"] = {k: w[k] / f[k] for k in f if k.endswith("tok_s")}
+        out["ratios_vs_fp8"]["model_bytes"] = w["model_bytes"] / f["model_bytes"]
+
+
 def _variants(result: dict) -> list[str]:
-    """bf16, wush, then the extra wush variants (``wush[...]``) of one model's result."""
-    return ["bf16", "wush"] + [k for k in result if k.startswith("wush[")]
+    """bf16, fp8 (when measured), wush, then the extra wush variants (``wush[...]``) of one model's result."""
+    return ["bf16"] + (["fp8"] if "fp8" in result else []) + ["wush"] + [k for k in result if k.startswith("wush[")]
 
 
 def format_table(results: list[dict]) -> str:
@@ -423,6 +493,10 @@ def format_table(results: list[dict]) -> str:
             lines.append(f"| {r['model']} | {row['label']} | " + " | ".join(cells) + " |")
         ratio = " | ".join(f"{r['ratios'].get(c, float('nan')):.2f}x" if c in r["ratios"] else "" for c in cols)
         lines.append(f"| {r['model']} | wush / bf16 | {ratio} |")
+        if "ratios_vs_fp8" in r:
+            rf = r["ratios_vs_fp8"]
+            ratio = " | ".join(f"{rf[c]:.2f}x" if c in rf else "" for c in cols)
+            lines.append(f"| {r['model']} | wush / fp8 | {ratio} |")
     return "\n".join(lines)
 
 
@@ -438,6 +512,7 @@ def format_profiles(result: dict) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
+    """One panel per model: tokens/s of every variant relative to compiled bf16, per phase (bars side by side)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -446,17 +521,22 @@ def plot(results: list[dict], path: Path) -> None:
     results = [r for r in results if "ratios" in r]
     if not results:
         return
-    keys = [k for k in results[0]["ratios"] if k.endswith("tok_s")]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / max(1, len(results))
-    for i, r in enumerate(results):
-        ax.bar([j + i * width for j in range(len(keys))], [r["ratios"][k] for k in keys], width, label=r["model"])
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(keys))])
-    ax.set_xticklabels([k.replace("_tok_s", "") for k in keys])
-    ax.set_ylabel("tokens/s, wush / compiled bf16")
-    ax.set_title("End to end, same run, same GPU")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        keys = [k for k in r["bf16"] if k.endswith("tok_s")]
+        variants = _variants(r)
+        width = 0.8 / len(variants)
+        for i, v in enumerate(variants):
+            vals = [r[v][k] / r["bf16"][k] for k in keys]
+            bars = ax.bar([j + i * width for j in range(len(keys))], vals, width, label=r[v]["label"])
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(keys))])
+        ax.set_xticklabels([k.replace("_tok_s", "") for k in keys])
+        ax.set_ylabel("tokens/s relative to compiled bf16")
+        ax.set_title(r["model"])
+        ax.legend(fontsize=8)
+    fig.suptitle("End to end, same run, same GPU (higher is faster)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

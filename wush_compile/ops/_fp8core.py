@@ -1,0 +1,309 @@
+"""``@triton.jit`` bodies of the MXFP4 W4A4 linear on fp8 tensor cores (Hopper), see :mod:`.fp8core`.
+
+Exactness: an e2m1 magnitude {0.5 .. 6} times 2**d is an exact e4m3 value for -8 <= d <= 6. Per row a
+reference exponent ref = (largest group exponent) - 6 folds every group of the row into e4m3 with
+d = E_group - ref; the row scale 2**ref goes to the GEMM epilogue. Activations are folded through an fp32 ->
+e4m3 cast (exact down to d = -8, subnormals included, spread <= 14); weights in the GEMM with an integer
+expansion that keeps the exponent field normal (d >= -5, spread <= 11). Rows that do not fold take the exact
+per-group fallback kernel.
+
+Activation e4m3 layout: per chunk of 128 columns, the 64 even columns first, then the 64 odd ones - the
+order in which the GEMM expands the low and high nibbles of its weight bytes (no interleave shuffle).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+CHUNK = tl.constexpr(128)
+#: smallest group offset d the weight expansion handles (e4m3 exponent field stays >= 1)
+W_DMIN = tl.constexpr(-5)
+#: smallest group offset d the activation fold handles (e4m3 subnormals, via the fp32 cast)
+A_DMIN = tl.constexpr(-8)
+
+
+@triton.jit
+def _pow2(e):
+    """Exact 2**e as fp32 for int32 e in [-149, 127]."""
+    normal = (tl.maximum(e, -126) + 127) << 23
+    sub = tl.full(e.shape, 1, tl.int32) << tl.minimum(tl.maximum(e + 149, 0), 22)
+    return tl.where(e >= -126, normal, sub).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_e2m1(v):
+    """RNE of |v| onto the e2m1 grid, saturating at 6 -> rounded magnitude fp32 (formats.round_to_e2m1)."""
+    m = tl.minimum(tl.abs(v), 6.0)
+    lo = m < 2.0
+    mid = m < 4.0
+    s = tl.where(lo, 2.0, tl.where(mid, 1.0, 0.5))
+    r = (m * s + 8388608.0) - 8388608.0
+    return r * tl.where(lo, 0.5, tl.where(mid, 1.0, 2.0))
+
+
+@triton.jit
+def _bf16_rne(y):
+    b = y.to(tl.int32, bitcast=True)
+    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    r = tl.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+    return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _transform_chunk(x_ptr, stride_xm, rows, rmask, t_ptr, k0, K, G: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """x[rows, k0:k0+128] @ blockdiag(T_b^T) -> (BM, 128) fp32 (one 2-D dot, fp32 accumulation)."""
+    c = tl.arange(0, CHUNK)
+    cmask = (k0 + c) < K
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + (k0 + c)[None, :],
+                mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    # a NaN/Inf would spread through the zeros of the block-diagonal matrix: zero it, mark its block
+    nonfin = (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) >= 0x7F800000
+    bad_in = tl.max(tl.reshape(nonfin.to(tl.int32), (x.shape[0], CHUNK // G, G)), axis=2)  # (BM, NGC)
+    x = tl.where(nonfin, 0.0, x).to(x_ptr.dtype.element_ty)
+    # tt[j, k] = T[blk, j % G, k % G] for j, k in one block (else 0); x @ tt^T
+    j = tl.arange(0, CHUNK)[:, None]
+    kk = tl.arange(0, CHUNK)[None, :]
+    same = (j // G) == (kk // G)
+    blk = (k0 + j) // G
+    tt = tl.load(t_ptr + blk * (G * G) + (j % G) * G + (kk % G), mask=same & cmask[:, None], other=0.0)
+    if DOT_IEEE:
+        xt = tl.dot(x.to(tl.float32), tl.trans(tt.to(tl.float32)), input_precision="ieee")
+    else:
+        xt = tl.dot(x, tl.trans(tt))
+    return xt, bad_in
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, stride_xm, t_ptr, q_ptr, rs_ptr, sc_ptr, flag_ptr, list_ptr, count_ptr, stats_ptr,
+                      M, K, BM: tl.constexpr, G: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """Transform + MXFP4 quantize + row fold of BM rows: pass 1 gets the row's group exponents, pass 2
+    recomputes the chunk (x from L2) and writes e4m3 (layout above), scale bytes and the row scale."""
+    NGC: tl.constexpr = CHUNK // G
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < M
+    emax = tl.full((BM,), -127, tl.int32)
+    emin = tl.full((BM,), 127, tl.int32)
+    nbad = tl.zeros((BM,), tl.int32)
+    for k0 in range(0, K, CHUNK):
+        xt, bad_in = _transform_chunk(x_ptr, stride_xm, rows, rmask, t_ptr, k0, K, G, DOT_IEEE)
+        bits = tl.reshape(xt.to(tl.int32, bitcast=True) & 0x7FFFFFFF, (BM, NGC, G))
+        ab = tl.max(bits, axis=2)  # (BM, NGC)
+        gvalid = (k0 + tl.arange(0, NGC) * G) < K
+        bad = ((ab >= 0x7F800000) | (bad_in != 0)) & gvalid[None, :]
+        e = (ab >> 23) - 127
+        ok = (ab > 0) & (~bad) & gvalid[None, :]
+        emax = tl.maximum(emax, tl.max(tl.where(ok, e, -127), axis=1))
+        emin = tl.minimum(emin, tl.min(tl.where(ok, e, 127), axis=1))
+        nbad += tl.sum(bad.to(tl.int32), axis=1)
+    ref = emax - 6
+    wide = (emax - emin) > (6 - A_DMIN)  # emin > emax when the row is all zero: not wide
+    wide = wide & rmask & (nbad == 0)
+    rows64 = rows.to(tl.int64)
+    rs = tl.where(nbad > 0, float("nan"), _pow2(tl.maximum(ref, -149)))
+    tl.store(rs_ptr + rows, rs, mask=rmask)
+    for k0 in range(0, K, CHUNK):
+        xt, bad_in = _transform_chunk(x_ptr, stride_xm, rows, rmask, t_ptr, k0, K, G, DOT_IEEE)
+        x3 = tl.reshape(xt, (BM, NGC, G))
+        ab = tl.max(x3.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2)
+        bad = (ab >= 0x7F800000) | (bad_in != 0)
+        e = (ab >> 23) - 127
+        v = (x3 * _pow2(-e)[:, :, None]) * 3.0
+        v = tl.where(bad[:, :, None], 0.0, v)
+        mag = _round_e2m1(v)
+        # folded: code * 2**(E - ref); wide rows keep the bare code (the fallback applies 2**E per group)
+        dd = tl.where(wide[:, None], 0, tl.maximum(e - ref[:, None], -30))
+        val = mag * _pow2(dd)[:, :, None]
+        sgn = v.to(tl.int32, bitcast=True) & -2147483648
+        val = (val.to(tl.int32, bitcast=True) | sgn).to(tl.float32, bitcast=True)
+        q = tl.reshape(val, (BM, CHUNK)).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        ev, od = tl.split(tl.reshape(q, (BM, CHUNK // 2, 2)))
+        c2 = tl.arange(0, CHUNK // 2)
+        base = q_ptr + rows64[:, None] * K + k0
+        m2 = rmask[:, None] & ((k0 + 2 * c2) < K)[None, :]
+        tl.store(base + c2[None, :], ev, mask=m2)
+        tl.store(base + CHUNK // 2 + c2[None, :], od, mask=m2)
+        gi = tl.arange(0, NGC)
+        sb = tl.where(bad, 255, e + 127)
+        tl.store(sc_ptr + rows64[:, None] * (K // G) + (k0 // G + gi)[None, :], sb.to(tl.uint8),
+                 mask=rmask[:, None] & ((k0 + gi * G) < K)[None, :])
+    # list the wide rows for the fallback (flags dedup, one atomic per program)
+    tl.store(flag_ptr + rows, wide.to(tl.int32), mask=rmask)
+    n_new = tl.sum(wide.to(tl.int32), axis=0)
+    if n_new > 0:
+        base_i = tl.atomic_add(count_ptr, n_new)
+        slot = base_i + tl.cumsum(wide.to(tl.int32), axis=0) - 1
+        tl.store(list_ptr + slot, rows, mask=wide)
+        tl.atomic_add(stats_ptr, n_new)
+    tl.atomic_add(stats_ptr + 1, tl.sum(rmask.to(tl.int32), axis=0))
+
+
+# 4 packed weight bytes + the group offset d -> 4 e4m3 of the low nibbles, 4 of the high nibbles.
+# LUT bytes {0, .5, 1, 1.5 | 2, 3, 4, 6} * 2**d as e4m3 bits (base + 8d, exponent field >= 1 for d >= -5),
+# selected with prmt by the 3 magnitude bits; the sign bit goes to bit 7.
+_ASM_EXPAND = tl.constexpr("""{
+.reg .b32 d8, llo, lhi, x, y, sel, s;
+shl.b32 d8, $3, 3;
+mad.lo.u32 llo, d8, 0x01010100, 0x3C383000;
+mad.lo.u32 lhi, d8, 0x01010101, 0x4C484440;
+and.b32 x, $2, 0x07070707;
+shr.b32 y, x, 4;
+or.b32 y, x, y;
+prmt.b32 sel, y, 0, 0x4420;
+prmt.b32 x, llo, lhi, sel;
+shl.b32 s, $2, 4;
+and.b32 s, s, 0x80808080;
+or.b32 $0, x, s;
+shr.b32 x, $2, 4;
+and.b32 x, x, 0x07070707;
+shr.b32 y, x, 4;
+or.b32 y, x, y;
+prmt.b32 sel, y, 0, 0x4420;
+prmt.b32 x, llo, lhi, sel;
+and.b32 s, $2, 0x80808080;
+or.b32 $1, x, s;
+}""")
+
+
+@triton.jit
+def _nib_e4m3(n, d):
+    """e2m1 nibble (int32 0..15) times 2**d -> e4m3 bits (int32), exact for -5 <= d <= 6."""
+    i = n & 7
+    b = (i << 2) + 48 - tl.where(i == 1, 4, 0) + (d << 3)
+    return tl.where(i == 0, 0, b) | ((n & 8) << 4)
+
+
+@triton.jit
+def expand_weights(wb, d, USE_ASM: tl.constexpr):
+    """Packed bytes (uint8) and per-byte group offsets d (int32), same shape -> (low, high) e4m3 tensors."""
+    if USE_ASM:
+        lo, hi = tl.inline_asm_elementwise(_ASM_EXPAND, "=r,=r,r,r,r,r,r", [wb, d],
+                                           dtype=(tl.float8e4nv, tl.float8e4nv), is_pure=True, pack=4)
+    else:
+        b = wb.to(tl.int32)
+        lo = _nib_e4m3(b & 15, d).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+        hi = _nib_e4m3(b >> 4, d).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, wn, wmask, tk, tmask, rs_w, rs_a, gscale, bias_ptr, N, HAS_BIAS: tl.constexpr):
+    y = acc * rs_w[:, None] * rs_a[None, :]
+    y = y * gscale
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + wn, mask=wmask, other=0.0).to(tl.float32)[:, None]
+    op = out_ptr + tk.to(tl.int64)[None, :] * N + wn[:, None]
+    if out_ptr.dtype.element_ty == tl.float32:
+        yo = y
+    elif out_ptr.dtype.element_ty == tl.bfloat16:
+        yo = _bf16_rne(y)
+    else:
+        yo = y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(op, yo, mask=wmask[:, None] & tmask[None, :])
+
+
+@triton.jit
+def _gemm_kernel(q_ptr, rs_a_ptr, w_ptr, ws_ptr, wexp_ptr, ga_ptr, gw_ptr, bias_ptr, out_ptr, M, N, K,
+                 HAS_BIAS: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
+                 USE_ASM: tl.constexpr, IMP_ACC: tl.constexpr):
+    """Swap-AB fp8 GEMM: weight rows on the MMA's M side (expanded from FP4 in registers), tokens on its N
+    side (e4m3 from smem). out[tok, n] = acc * 2**ref_w[n] * rs_a[tok] * ga * gw (+ bias)."""
+    pid = tl.program_id(0)
+    n_w = tl.cdiv(N, BW)
+    n_t = tl.cdiv(M, BT)
+    per_group = GROUP * n_t
+    gid = pid // per_group
+    first = gid * GROUP
+    gsz = tl.minimum(n_w - first, GROUP)
+    pid_w = first + (pid % per_group) % gsz
+    pid_t = (pid % per_group) // gsz
+    wn = pid_w * BW + tl.arange(0, BW)
+    wmask = wn < N
+    tk = pid_t * BT + tl.arange(0, BT)
+    tmask = tk < M
+    wn64 = wn.to(tl.int64)
+    tk64 = tk.to(tl.int64)
+    NB = K // 32
+    rexp = tl.load(wexp_ptr + wn, mask=wmask, other=0)
+    rexp = tl.where(rexp < 0, -rexp - 1, rexp)  # fallback rows: their slot is overwritten later
+    c2 = tl.arange(0, 64)
+    acc = tl.zeros((BW, BT), tl.float32)
+    for k0 in range(0, K, 128):
+        wb = tl.load(w_ptr + wn64[:, None] * (K // 2) + (k0 // 2 + c2)[None, :], mask=wmask[:, None], other=0)
+        sb = tl.load(ws_ptr + wn64[:, None] * NB + (k0 // 32 + c2 // 16)[None, :], mask=wmask[:, None], other=0)
+        d = sb.to(tl.int32) - rexp[:, None]
+        lo, hi = expand_weights(wb, d, USE_ASM)
+        xe = tl.load(q_ptr + tk64[:, None] * K + (k0 + c2)[None, :], mask=tmask[:, None], other=0.0)
+        xo = tl.load(q_ptr + tk64[:, None] * K + (k0 + 64 + c2)[None, :], mask=tmask[:, None], other=0.0)
+        acc = tl.dot(lo, tl.trans(xe), acc, max_num_imprecise_acc=IMP_ACC)
+        acc = tl.dot(hi, tl.trans(xo), acc, max_num_imprecise_acc=IMP_ACC)
+    rs_w = _pow2(tl.maximum(rexp - 127, -149))
+    rs_a = tl.load(rs_a_ptr + tk, mask=tmask, other=0.0)
+    gscale = tl.load(ga_ptr) * tl.load(gw_ptr)
+    _epilogue(acc, out_ptr, wn, wmask, tk, tmask, rs_w, rs_a, gscale, bias_ptr, N, HAS_BIAS)
+
+
+@triton.jit
+def _fallback_tile(q_ptr, rs_a_ptr, asc_ptr, aflag_ptr, w_ptr, ws_ptr, tk, tmask, wn, wmask, K,
+                   BW: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr):
+    """Exact per-group sum: each 32-wide group product is exact in fp32 (codes x folded codes), scaled by
+    2**E_w(group) and the token side's group scale, accumulated in fp32 (the reference's own rounding)."""
+    NB = K // 32
+    c = tl.arange(0, 16)
+    wn64 = wn.to(tl.int64)
+    tk64 = tk.to(tl.int64)
+    aflag = tl.load(aflag_ptr + tk, mask=tmask, other=0)
+    rs_a = tl.load(rs_a_ptr + tk, mask=tmask, other=0.0)
+    acc = tl.zeros((BW, BT), tl.float32)
+    for g in range(0, NB):
+        k0 = g * 32
+        ch = k0 // 128
+        off = (k0 % 128) // 2  # position of this group's even columns inside the chunk's even half
+        wb = tl.load(w_ptr + wn64[:, None] * (K // 2) + (k0 // 2 + c)[None, :], mask=wmask[:, None], other=0)
+        sw = tl.load(ws_ptr + wn64 * NB + g, mask=wmask, other=0).to(tl.int32)
+        lo, hi = expand_weights(wb, tl.zeros((BW, 16), tl.int32), USE_ASM)  # bare codes (d = 0)
+        base = q_ptr + tk64[:, None] * K + ch * 128 + off + c[None, :]
+        xe = tl.load(base, mask=tmask[:, None], other=0.0)
+        xo = tl.load(base + 64, mask=tmask[:, None], other=0.0)
+        p = tl.dot(lo.to(tl.float32), tl.trans(xe.to(tl.float32)), input_precision="ieee")
+        p = tl.dot(hi.to(tl.float32), tl.trans(xo.to(tl.float32)), p, input_precision="ieee")
+        sa_b = tl.load(asc_ptr + tk64 * NB + g, mask=tmask, other=0).to(tl.int32)
+        sa = tl.where(aflag != 0, _pow2(tl.maximum(sa_b - 127, -149)), rs_a)
+        sa = tl.where(sa_b == 255, float("nan"), sa)
+        swv = tl.where(sw == 255, float("nan"), _pow2(tl.maximum(sw - 127, -149)))
+        acc += p * (swv[:, None] * sa[None, :])
+    return acc
+
+
+@triton.jit
+def _fallback_kernel(q_ptr, rs_a_ptr, asc_ptr, aflag_ptr, alist_ptr, count_ptr, w_ptr, ws_ptr, wlist_ptr, n_wlist,
+                     ga_ptr, gw_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr,
+                     BW: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr):
+    """Program p: listed token rows x weight tile p, then token tile p x listed weight rows. Returns at once
+    when both lists are empty."""
+    pid = tl.program_id(0)
+    gscale = tl.load(ga_ptr) * tl.load(gw_ptr)
+    one_w = tl.full((BW,), 1.0, tl.float32)
+    one_t = tl.full((BT,), 1.0, tl.float32)
+    n_tok = tl.load(count_ptr)
+    wn = pid * BW + tl.arange(0, BW)
+    wmask = wn < N
+    n_here = tl.where(pid * BW < N, n_tok, 0)
+    for c0 in range(0, n_here, BT):
+        i = c0 + tl.arange(0, BT)
+        tmask = i < n_tok
+        tk = tl.load(alist_ptr + i, mask=tmask, other=0)
+        acc = _fallback_tile(q_ptr, rs_a_ptr, asc_ptr, aflag_ptr, w_ptr, ws_ptr, tk, tmask, wn, wmask, K,
+                             BW, BT, USE_ASM)
+        _epilogue(acc, out_ptr, wn, wmask, tk, tmask, one_w, one_t, gscale, bias_ptr, N, HAS_BIAS)
+    tk2 = pid * BT + tl.arange(0, BT)
+    tmask2 = tk2 < M
+    nw_here = tl.where(pid * BT < M, n_wlist, 0)
+    for c0 in range(0, nw_here, BW):
+        i = c0 + tl.arange(0, BW)
+        wmask2 = i < n_wlist
+        wn2 = tl.load(wlist_ptr + i, mask=wmask2, other=0)
+        acc = _fallback_tile(q_ptr, rs_a_ptr, asc_ptr, aflag_ptr, w_ptr, ws_ptr, tk2, tmask2, wn2, wmask2, K,
+                             BW, BT, USE_ASM)
+        _epilogue(acc, out_ptr, wn2, wmask2, tk2, tmask2, one_w, one_t, gscale, bias_ptr, N, HAS_BIAS)

@@ -1,0 +1,241 @@
+"""MXFP4 W4A4 linear as an fp8 tensor-core GEMM with the FP4 weights expanded to e4m3 inside the kernel.
+
+Public API (same semantics as :func:`wush_compile.ops.reference.linear_ref` for MXFP4):
+
+* :func:`weight_row_exponents` - per weight row the reference exponent byte (computed once, stored with
+  the weights); a negative entry marks a row whose exponent spread does not fold (exact fallback).
+* :func:`quantize_act_fp8` - ONE kernel: blockwise transform + MXFP4 quantize + row fold ->
+  (e4m3 (M, K) in the GEMM's chunk order, fp32 row scales (M,), e8m0 scale bytes (M, K/32), wide-row flags).
+* :func:`gemm` - the swap-AB fp8 GEMM on those operands (+ the exact fallback launch).
+* :func:`linear` - both.
+* :func:`tiles_for` - the pure tile heuristic (frozen :class:`Fp8Tiles`); :func:`fallback_stats` - counters.
+
+K must be a multiple of 128. Importing this module does not import Triton.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import weakref
+
+import torch
+
+from .. import formats
+
+__all__ = ["Fp8Tiles", "tiles_for", "weight_row_exponents", "quantize_act_fp8", "gemm", "linear",
+           "fallback_stats", "W_SPREAD_MAX", "A_SPREAD_MAX", "to_natural_order"]
+
+#: Widest exponent spread (max - min group exponent) per row that folds: weights (integer expansion keeps
+#: e4m3 normal, d >= -5) and activations (fp32 -> e4m3 cast, subnormals included, d >= -8).
+W_SPREAD_MAX = 11
+A_SPREAD_MAX = 14
+CHUNK = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _k():
+    from . import _fp8core
+
+    return _fp8core
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Tiles:
+    """GEMM tiles: weight rows per program (MMA M), tokens per program (MMA N), grouped order, warps,
+    pipeline stages, the PTX expansion, and K per imprecise wgmma accumulation before fp32 promotion."""
+
+    block_w: int = 128
+    block_t: int = 64
+    group: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    use_asm: bool = False  # the PTX LUT variant gave wrong results at some tiles (GPU, 2026-12-07)
+    imprecise_acc: int = 32
+
+
+def tiles_for(m: int, n: int, k: int) -> Fp8Tiles:
+    """Pure heuristic. Tokens per tile: the smallest power of two >= M up to 128, 256 above 1024."""
+    bt = 16
+    while bt < min(m, 128):
+        bt *= 2
+    if m > 1024:
+        bt = 256
+    bw = 64 if (m <= 64 and n <= 8192) else 128
+    warps = 8 if bt >= 256 else 4
+    return Fp8Tiles(block_w=bw, block_t=bt, num_warps=warps, num_stages=3 if bt >= 256 else 4)
+
+
+def weight_row_exponents(scales: torch.Tensor, codes: torch.Tensor | None = None,
+                         spread_max: int = W_SPREAD_MAX) -> torch.Tensor:
+    """(N, K/32) e8m0 bytes -> (N,) int32: the row's reference exponent byte ref = max byte - 6 (>= 0), or
+    ``-1 - ref`` where the row does not fold exactly (a group with nonzero codes more than ``spread_max``
+    binades below the row max, or a NaN scale): those rows take the exact fallback.
+
+    Without ``codes`` every group with a nonzero scale byte counts as nonzero (conservative)."""
+    if scales.dtype != torch.uint8 or scales.dim() != 2:
+        raise TypeError(f"weight_row_exponents expects (N, K/32) uint8 scale bytes, got {scales.dtype} {tuple(scales.shape)}")
+    s = scales.to(torch.int32)
+    nan = s == formats.E8M0_NAN
+    vmax = torch.where(nan, torch.zeros_like(s), s).amax(dim=1)
+    if codes is not None:
+        c = formats.unpack_fp4(codes).reshape(s.shape[0], s.shape[1], -1)
+        nz = ((c & 7) != 0).any(dim=-1)
+    else:
+        nz = s > 0
+    vmin = torch.where(nz & ~nan, s, torch.full_like(s, 255)).amin(dim=1)
+    ref = torch.clamp(vmax - 6, min=0)
+    bad = ((vmax - vmin) > spread_max) & (vmin < 255) | nan.any(dim=1)
+    return torch.where(bad, -1 - ref, ref).to(torch.int32)
+
+
+def to_natural_order(q: torch.Tensor) -> torch.Tensor:
+    """Activation e4m3 (M, K) in the chunk order [64 even | 64 odd] per 128 columns -> natural column order."""
+    m, k = q.shape
+    v = q.reshape(m, k // CHUNK, 2, CHUNK // 2).transpose(2, 3)
+    return v.reshape(m, k)
+
+
+_STATS: dict = {}
+_MX_GS: dict = {}
+_WLISTS: dict = {}
+
+
+def _stats(device) -> torch.Tensor:
+    key = str(device)
+    t = _STATS.get(key)
+    if t is None:
+        t = torch.zeros(4, dtype=torch.int32, device=device)
+        _STATS[key] = t
+    return t
+
+
+def _mx_gs(device) -> torch.Tensor:
+    key = str(device)
+    t = _MX_GS.get(key)
+    if t is None:
+        t = torch.full((1,), formats.MXFP4_GLOBAL_SCALE, dtype=torch.float32, device=device)
+        _MX_GS[key] = t
+    return t
+
+
+def fallback_stats(device=None, reset: bool = False) -> dict:
+    """Rows sent to the exact fallback since the last reset: act_rows_fallback, act_rows, weight_rows_fallback,
+    weight_rows (counted on the device)."""
+    out = {}
+    for key, t in list(_STATS.items()):
+        if device is not None and key != str(torch.device(device)):
+            continue
+        v = t.tolist()
+        out[key] = {"act_rows_fallback": v[0], "act_rows": v[1], "weight_rows_fallback": v[2], "weight_rows": v[3]}
+        if reset:
+            t.zero_()
+    return out
+
+
+def _weight_list(w_row_exp: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Rows of w_row_exp < 0 as a device int32 list, cached per tensor and version (one sync per value)."""
+    hit = _WLISTS.get(id(w_row_exp))
+    if hit is not None and hit[0]() is w_row_exp and hit[1] == w_row_exp._version:
+        return hit[2], hit[3]
+    rows = torch.nonzero(w_row_exp < 0).flatten().to(torch.int32)
+    n = int(rows.numel())
+    if n == 0:
+        rows = torch.zeros(1, dtype=torch.int32, device=w_row_exp.device)
+    if len(_WLISTS) > 4096:
+        _WLISTS.clear()
+    _WLISTS[id(w_row_exp)] = (weakref.ref(w_row_exp), w_row_exp._version, rows, n)
+    return rows, n
+
+
+def _check(x, transform):
+    if x.dim() != 2:
+        raise ValueError(f"expected 2-D activations (M, K), got {tuple(x.shape)}; reshape to (-1, K)")
+    k = x.shape[1]
+    if k % CHUNK:
+        raise ValueError(f"fp8core needs K % {CHUNK} == 0, got K={k}; use the triton_fp8 route for this layer")
+    if tuple(transform.shape) != (k // 32, 32, 32):
+        raise ValueError(f"transform must be {(k // 32, 32, 32)} for K={k} (mxfp4), got {tuple(transform.shape)}")
+
+
+def quantize_act_fp8(x: torch.Tensor, transform: torch.Tensor, block_m: int | None = None):
+    """Transform + MXFP4 quantize + row fold of x (M, K) in one kernel.
+
+    Returns (q (M, K) float8_e4m3fn in chunk order, row_scale (M,) fp32 = 2**ref (NaN for rows holding
+    NaN/Inf), scales (M, K/32) uint8 (bit-identical to the reference's), state (2 + 2M,) int32:
+    [count, 0, flags (M), list (M)] of the rows whose spread exceeds A_SPREAD_MAX)."""
+    _check(x, transform)
+    k = _k()
+    m, kk = x.shape
+    x = x.contiguous()
+    t = transform.contiguous()
+    q = torch.empty((m, kk), dtype=torch.uint8, device=x.device)
+    rs = torch.empty((m,), dtype=torch.float32, device=x.device)
+    sc = torch.empty((m, kk // 32), dtype=torch.uint8, device=x.device)
+    state = torch.zeros(2 + 2 * m, dtype=torch.int32, device=x.device)
+    bm = block_m or (16 if m <= 256 else 32)
+    ieee = _interpreting() or not (x.dtype == t.dtype and x.dtype in (torch.bfloat16, torch.float16))
+    k._act_quant_kernel[(triton_cdiv(m, bm),)](
+        x, x.stride(0), t, q, rs, sc, state[2 : 2 + m], state[2 + m :], state[0:1], _stats(x.device),
+        m, kk, BM=bm, G=32, DOT_IEEE=ieee, num_warps=4,
+    )
+    return q.view(torch.float8_e4m3fn), rs, sc, state
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def gemm(q, row_scale, a_scales, state, w_codes, w_scales, w_row_exp, w_global_scale, bias=None,
+         out_dtype=torch.bfloat16, tiles: Fp8Tiles | None = None) -> torch.Tensor:
+    """out (M, N) = A @ W^T * global scales (+ bias) from quantize_act_fp8's outputs and the packed weights."""
+    k = _k()
+    m, kk = q.shape
+    n = w_codes.shape[0]
+    if tuple(w_codes.shape) != (n, kk // 2) or tuple(w_scales.shape) != (n, kk // 32):
+        raise ValueError(f"weights must be codes {(n, kk // 2)} and scales {(n, kk // 32)} for K={kk}, got "
+                         f"{tuple(w_codes.shape)} and {tuple(w_scales.shape)}")
+    cfg = tiles or tiles_for(m, n, kk)
+    use_asm = cfg.use_asm and not _interpreting() and q.device.type == "cuda"
+    out = torch.empty((m, n), dtype=out_dtype, device=q.device)
+    ga = _mx_gs(q.device)
+    gw = torch.as_tensor(w_global_scale, dtype=torch.float32, device=q.device).reshape(1)
+    bias_arg = bias if bias is not None else out
+    qb = q.view(torch.float8_e4m3fn)
+    grid = (triton_cdiv(n, cfg.block_w) * triton_cdiv(m, cfg.block_t),)
+    k._gemm_kernel[grid](
+        qb, row_scale, w_codes, w_scales, w_row_exp, ga, gw, bias_arg, out, m, n, kk,
+        HAS_BIAS=bias is not None, BW=cfg.block_w, BT=cfg.block_t, GROUP=cfg.group, USE_ASM=use_asm,
+        IMP_ACC=cfg.imprecise_acc, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    wlist, n_w = _weight_list(w_row_exp)
+    st = _stats(q.device)
+    st[2:3] += n_w
+    st[3:4] += n
+    bw, bt = 64, 16
+    k._fallback_kernel[(max(triton_cdiv(n, bw), triton_cdiv(m, bt)),)](
+        qb, row_scale, a_scales, state[2 : 2 + m], state[2 + m :], state[0:1], w_codes, w_scales, wlist, n_w,
+        ga, gw, bias_arg, out, m, n, kk, HAS_BIAS=bias is not None, BW=bw, BT=bt, USE_ASM=use_asm, num_warps=4,
+    )
+    return out
+
+
+def linear(x, w_codes, w_scales, w_row_exp, transform, w_global_scale, bias=None,
+           tiles: Fp8Tiles | None = None) -> torch.Tensor:
+    """MXFP4 W4A4 linear on x (..., K) -> (..., N) in x's dtype (reference.linear_ref semantics)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    n = w_codes.shape[0]
+    if x2.shape[0] == 0:
+        return x.new_empty((*lead, n))
+    if w_row_exp is None:
+        w_row_exp = weight_row_exponents(w_scales, w_codes)
+    q, rs, sc, state = quantize_act_fp8(x2, transform)
+    y = gemm(q, rs, sc, state, w_codes.contiguous(), w_scales.contiguous(), w_row_exp, w_global_scale, bias,
+             x.dtype, tiles)
+    return y.reshape(*lead, n)
