@@ -162,6 +162,7 @@ def build_wush_linear(
     with torch.no_grad():
         wl.weight_codes.copy_(q.codes)
         wl.weight_scales.copy_(q.scales)
+        wl.refresh_row_exponent()
         wl.transform.copy_(q.transform)
         wl.weight_global_scale.copy_(q.global_scale.reshape(()))
         wl.act_global_scale.fill_(initial_act_global_scale(config))

@@ -65,6 +65,7 @@ def quantize_model(model: nn.Module, config: WushConfig, *, include_lm_head: boo
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, calibrate.quantize_linear(mod, None, config, name=name))
         done.append(name)
+    hf.attach(model)  # what calibrate() does: marks the model so save_pretrained writes a wush checkpoint
     return done
 
 
@@ -118,9 +119,13 @@ def test_config_json_carries_everything_needed(saved):
     assert qc["format"] == "mxfp4" and qc["transform"] == "wush"
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, WushLinear)}
     assert set(qc["modules"]) == set(quantized) and len(quantized) == 14
+    tensors = load_file(d / "model.safetensors")
+    record = json.loads(bytes(tensors.pop(hf.INTEGRITY_TENSOR).numpy()).decode())
+    crc = record["tensors"]  # format 2: checksums of EVERY tensor live with the weights
+    assert set(crc) == set(tensors) and "model.norm.weight" in crc and "model.embed_tokens.weight" in crc
     for name, mod in quantized.items():
-        crc = qc["modules"][name].pop("crc32")
-        assert set(crc) == {b for b, _ in mod.named_buffers()}
+        assert {f"{name}.{b}" for b, _ in mod.named_buffers()} | {f"{name}.weight"} <= set(crc)
+        assert "crc32" not in qc["modules"][name]
         assert qc["modules"][name] == {
             "fmt": "mxfp4",
             "transform_kind": "wush",
@@ -135,7 +140,8 @@ def test_config_json_carries_everything_needed(saved):
     assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
     tensors = load_file(d / "model.safetensors")
     for name in quantized:
-        assert f"{name}.weight" not in tensors  # no full-precision weight of a quantized layer is written
+        # no full-precision weight of a quantized layer is written: only the zero-size guard under its name
+        assert tensors[f"{name}.weight"].shape == (0,) and tensors[f"{name}.weight"].dtype == torch.uint8
         assert tensors[f"{name}.weight_codes"].dtype == torch.uint8
     assert "lm_head.weight" not in tensors  # tied to the embedding
 
@@ -358,16 +364,12 @@ def test_corrupt_tensor_data_names_the_tensor(saved, tmp_path, tensor):
     assert str(path) in msg and f"'{tensor}'" in msg and "CRC-32" in msg, msg
 
 
-def test_checkpoint_without_checksums_still_loads(saved, tmp_path):
+def test_format_2_checkpoint_without_integrity_tensor_is_refused(saved, tmp_path):
     d = copy_ckpt(saved[1], tmp_path)
-
-    def drop(cfg):
-        for entry in cfg["quantization_config"]["modules"].values():
-            entry.pop("crc32")
-
-    _edit_config(d, drop)
-    loaded = AutoModelForCausalLM.from_pretrained(d)
-    assert torch.equal(logits(saved[0], ids()), logits(loaded, ids()))
+    path = _edit_tensors(d, lambda t: t.pop(hf.INTEGRITY_TENSOR))
+    with pytest.raises(CheckpointError) as err:
+        AutoModelForCausalLM.from_pretrained(d)
+    assert str(path) in str(err.value) and f"'{hf.INTEGRITY_TENSOR}' is missing" in str(err.value), str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -456,7 +458,7 @@ def test_config_module_shape_disagrees_with_model(saved, tmp_path):
         AutoModelForCausalLM.from_pretrained(d)
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [3, 0, "1", None])
 def test_unknown_format_version(saved, tmp_path, version):
     d = copy_ckpt(saved[1], tmp_path)
     _edit_config(d, lambda cfg: cfg["quantization_config"].__setitem__("format_version", version))
@@ -503,8 +505,7 @@ def test_registration_is_idempotent():
     hf.register()
     assert auto.AUTO_QUANTIZATION_CONFIG_MAPPING["wush"] is hf.WushQuantizationConfig
     assert auto.AUTO_QUANTIZER_MAPPING["wush"] is hf.WushHfQuantizer
-    original = PreTrainedModel.save_pretrained.__wush_original__
-    assert not hasattr(original, "__wush_original__")  # wrapped once, never twice
+    assert not hasattr(PreTrainedModel.save_pretrained, "__wush_original__")  # save_pretrained is not patched
 
 
 def test_import_twice_and_reload_in_a_fresh_process():
@@ -515,7 +516,7 @@ def test_import_twice_and_reload_in_a_fresh_process():
         "from transformers.quantizers import auto\n"
         "from transformers import PreTrainedModel\n"
         "assert auto.AUTO_QUANTIZER_MAPPING['wush'] is h.WushHfQuantizer\n"
-        "assert not hasattr(PreTrainedModel.save_pretrained.__wush_original__, '__wush_original__')\n"
+        "assert not hasattr(PreTrainedModel.save_pretrained, '__wush_original__')\n"
         "print('ok')\n"
     )
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))

@@ -39,6 +39,7 @@ __all__ = [
     "pack_fp4",
     "unpack_fp4",
     "e8m0_to_float",
+    "mx_row_reference_exponent",
     "e4m3_to_float",
     "float_to_e4m3",
     "nvfp4_global_scale",
@@ -126,6 +127,20 @@ def e8m0_to_float(scales: torch.Tensor) -> torch.Tensor:
     e = scales.to(torch.int32) - E8M0_BIAS
     out = torch.ldexp(torch.ones(scales.shape, dtype=torch.float32, device=scales.device), e)
     return torch.where(scales == E8M0_NAN, torch.full_like(out, float("nan")), out)
+
+
+def mx_row_reference_exponent(scales: torch.Tensor) -> torch.Tensor:
+    """Per-row reference exponent of MXFP4 block scales: the largest e8m0 byte of each row, NaN bytes (0xFF)
+    excluded; -1 for a row with no finite scale (or no groups). ``scales`` (N, K/32) uint8 -> (N,) int16."""
+    if scales.dtype != torch.uint8 or scales.dim() != 2:
+        raise ValueError(
+            f"mx_row_reference_exponent: expected (N, K/32) uint8 e8m0 scales, got {scales.dtype} {tuple(scales.shape)}"
+        )
+    s = scales.to(torch.int16)
+    s = torch.where(scales == E8M0_NAN, torch.full_like(s, -1), s)
+    if s.shape[1] == 0:
+        return torch.full((s.shape[0],), -1, dtype=torch.int16, device=s.device)
+    return s.amax(dim=1)
 
 
 def e4m3_to_float(scales: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 After ``import wush_compile``:
 
-- ``model.save_pretrained(dir)`` on a model holding :class:`~wush_compile.modules.WushLinear` layers writes
+- ``model.save_pretrained(dir)`` on a model marked as a wush model (``calibrate()`` does it; :func:`attach` or
+  :func:`save_pretrained` for a model assembled by hand; ``PreTrainedModel.save_pretrained`` itself is not patched:
+  the save path runs through the quantizer's ``get_state_dict_and_metadata`` hook) writes
   ``config.json`` with a ``quantization_config`` (``quant_method: "wush"``, a format version, the model-level
   settings and one entry per quantized Linear) and the buffers (packed codes, scales, transforms, global scales,
   biases) in safetensors. No full-precision weight of a quantized layer is written.
@@ -10,13 +12,18 @@ After ``import wush_compile``:
   meta-device WushLinears before any weight is read, checks every quantized layer's tensors in the safetensors
   headers (name, shape, dtype; errors name the file and the tensor), then lets transformers assign the buffers.
   The round trip is bit-identical.
+- Format 2 adds, per quantized Linear, a zero-size uint8 tensor ``<module>.weight``: transformers without this
+  quantizer (a process that never imported wush_compile, or a config.json whose ``quantization_config`` was
+  deleted) then sees a shape mismatch for the Linear's weight and raises instead of random-initializing it
+  (``ignore_mismatched_sizes=True`` is the caller's explicit opt-in to random weights). The safetensors metadata of
+  every file records a CRC-32 of each of its tensors and of the quantization config, verified before loading.
+  Format 1 checkpoints still load (their MXFP4 row exponents are derived at load).
 
 Registration with transformers is idempotent (importing twice, or reloading this module, is fine).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
@@ -30,6 +37,7 @@ from transformers.quantizers import auto as _hf_auto
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from . import formats
 from .config import Format, TransformKind, WushConfig
 from .modules import WushLinear
 
@@ -45,12 +53,25 @@ __all__ = [
     "wush_config",
     "quantized_modules",
     "register",
+    "save_pretrained",
+    "verify_file_integrity",
+    "INTEGRITY_TENSOR",
 ]
 
 QUANT_METHOD = "wush"
 #: Version of the on-disk layout (tensor names, shapes, dtypes, config keys). Bump on any change.
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+#: 1: buffers + per-module CRC-32 of the quantized buffers in config.json.
+#: 2: + ``weight_row_exponent`` (MXFP4), a zero-size uint8 guard tensor ``<module>.weight`` per quantized Linear
+#:    (a loader without the wush quantizer sees a shape mismatch and refuses, instead of random-initializing the
+#:    Linear), and a CRC-32 of every tensor of the file and of the quantization config in the safetensors metadata.
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+#: Integrity tensor (format 2): uint8 bytes of the JSON ``{"config": CRC-32 of the quantization config, "tensors":
+#: {tensor: CRC-32}}`` over every other tensor of the checkpoint (all shards). A tensor, not safetensors metadata:
+#: the metadata map is written in hash order, which would make two saves of one model differ in bytes.
+INTEGRITY_TENSOR = "wush_integrity"
+#: Name of the guard tensor of a quantized Linear (format 2): what a plain Linear would load as its weight.
+_GUARD = "weight"
 
 #: Per-module entry keys of ``quantization_config["modules"]``.
 _MODULE_KEYS = ("fmt", "transform_kind", "share_group", "bias", "in_features", "out_features", "dtype")
@@ -59,7 +80,7 @@ _CRC_KEY = "crc32"
 #: Storage dtypes a transform / bias may have.
 _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: safetensors dtype tags.
-_ST_DTYPE = {torch.uint8: "U8", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_ST_DTYPE = {torch.uint8: "U8", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int16: "I16"}
 _MIXED = "mixed"
 
 
@@ -141,11 +162,13 @@ class WushQuantizationConfig(QuantizationConfigMixin):
             Format.parse(self.format)
         if self.transform is not None and self.transform != _MIXED:
             TransformKind.parse(self.transform)
+        calib = None
         if self.calibration is not None:
             try:
-                WushConfig.from_dict(self.calibration)
+                calib = WushConfig.from_dict(self.calibration)
             except (TypeError, ValueError) as err:
                 raise CheckpointError(f"{where}: 'calibration' is not a valid WushConfig: {err}") from err
+        _check_levels_agree(self, calib, where)
 
     def wush_config(self) -> WushConfig | None:
         """The calibration settings as a :class:`WushConfig` (None when the checkpoint does not record them)."""
@@ -167,9 +190,6 @@ class WushQuantizationConfig(QuantizationConfigMixin):
                     "out_features": int(mod.out_features),
                     "dtype": _dtype_name(mod.transform.dtype),
                 }
-                bufs = dict(mod.named_buffers(recurse=False))
-                if all(b.device.type != "meta" for b in bufs.values()):
-                    modules[name][_CRC_KEY] = {b: _crc32(t) for b, t in sorted(bufs.items())}
             elif isinstance(mod, nn.Linear):
                 not_converted.append(name)
         fmts = {e["fmt"] for e in modules.values()}
@@ -184,6 +204,30 @@ class WushQuantizationConfig(QuantizationConfigMixin):
             modules=modules,
             modules_to_not_convert=not_converted,
             calibration=None if config is None else config.to_dict(),
+        )
+
+
+def _check_levels_agree(qc: "WushQuantizationConfig", calib: WushConfig | None, where: str) -> None:
+    """The top-level settings, the calibration block and the per-module entries must describe the same model."""
+    for top_key, calib_key, module_key in (("format", "format", "fmt"), ("transform", "transform", "transform_kind")):
+        top = getattr(qc, top_key)
+        if calib is not None and top is not None and top != _MIXED and top != getattr(calib, calib_key).value:
+            raise CheckpointError(
+                f"{where}: {top_key} is {top!r} but calibration.{calib_key} is {getattr(calib, calib_key).value!r}; "
+                "the config was edited or belongs to another checkpoint - save it again"
+            )
+        values = {e[module_key] for e in qc.modules.values()}
+        if top is not None and top != _MIXED and values and values != {top}:
+            raise CheckpointError(
+                f"{where}: {top_key} is {top!r} but modules have {module_key} {sorted(values)}; the config does "
+                "not agree with itself - save it again"
+            )
+        if top is not None and top != _MIXED and not values and qc.modules:
+            raise CheckpointError(f"{where}: {top_key} is {top!r} but no module records it")
+    if calib is not None and qc.method is not None and qc.method != calib.method.value:
+        raise CheckpointError(
+            f"{where}: method is {qc.method!r} but calibration.method is {calib.method.value!r}; the config was "
+            "edited or belongs to another checkpoint - save it again"
         )
 
 
@@ -230,8 +274,11 @@ def _check_module_entry(name: str, entry: Any) -> dict[str, Any]:
     return dict(entry)
 
 
-def expected_tensors(name: str, entry: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``{tensor name: (safetensors dtype tag, shape)}`` a quantized module must have in the checkpoint."""
+def expected_tensors(
+    name: str, entry: dict[str, Any], version: int = FORMAT_VERSION
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{tensor name: (safetensors dtype tag, shape)}`` a quantized module must have in the checkpoint of
+    format ``version`` (format 1 has no row exponent and no guard)."""
     fmt = Format.parse(entry["fmt"])
     g = fmt.group_size
     n, k = entry["out_features"], entry["in_features"]
@@ -245,6 +292,10 @@ def expected_tensors(name: str, entry: dict[str, Any]) -> dict[str, tuple[str, t
     }
     if entry["bias"]:
         out[f"{name}.bias"] = (dt, (n,))
+    if version >= 2:
+        out[f"{name}.{_GUARD}"] = ("U8", (0,))
+        if fmt is Format.MXFP4:
+            out[f"{name}.weight_row_exponent"] = ("I16", (n,))
     return out
 
 
@@ -288,13 +339,13 @@ def check_checkpoint(
     index = _read_headers(files)
     where = files[0] if len(files) == 1 else f"{os.path.dirname(files[0])} ({len(files)} safetensors files)"
     for name, entry in qconfig.modules.items():
-        if f"{name}.weight" in index:
+        if f"{name}.weight" in index and index[f"{name}.weight"][1:] != ("U8", (0,)):
             path = index[f"{name}.weight"][0]
             raise CheckpointError(
                 f"{path}: tensor '{name}.weight' is a full-precision weight, but config.json lists '{name}' as a "
                 "quantized WushLinear; the config does not match the tensors"
             )
-        for tensor, (dt, shape) in expected_tensors(name, entry).items():
+        for tensor, (dt, shape) in expected_tensors(name, entry, qconfig.format_version).items():
             if tensor not in index:
                 raise CheckpointError(
                     f"{where}: tensor '{tensor}' is missing; config.json lists '{name}' as a quantized "
@@ -319,11 +370,80 @@ def check_checkpoint(
                 "bias; the config does not match the tensors"
             )
     if model is not None:
-        _check_no_missing_tensors(model, index, where)
+        derived = set()
+        if qconfig.format_version < 2:  # format 1 has no row exponents: derived after loading
+            derived = {f"{n}.weight_row_exponent" for n in qconfig.modules}
+        _check_no_missing_tensors(model, index, where, derived)
     return index
 
 
-def _check_no_missing_tensors(model: nn.Module, index: dict, where: str) -> None:
+def _config_crc(qconfig: "WushQuantizationConfig") -> int:
+    """CRC-32 of the quantization config as config.json stores it (canonical JSON)."""
+    import json
+
+    payload = {k: v for k, v in qconfig.to_dict().items()}
+    return zlib.crc32(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode())
+
+
+def integrity_tensor(state: dict[str, torch.Tensor], qconfig: "WushQuantizationConfig") -> torch.Tensor:
+    """The format-2 integrity tensor of ``state``: CRC-32 of every tensor and of the quantization config."""
+    import json
+
+    crcs = {k: _crc32(t) for k, t in sorted(state.items()) if isinstance(t, torch.Tensor) and k != INTEGRITY_TENSOR}
+    payload = json.dumps({"config": _config_crc(qconfig), "tensors": crcs}, sort_keys=True, separators=(",", ":"))
+    return torch.frombuffer(bytearray(payload.encode()), dtype=torch.uint8).clone()
+
+
+def verify_file_integrity(files: Iterable[str], qconfig: "WushQuantizationConfig") -> None:
+    """Check every tensor of every file against the CRC-32 the integrity tensor records, and the quantization config
+    against its recorded CRC-32 (format 2). Errors name the file and the tensor."""
+    import json
+
+    from safetensors import safe_open
+
+    files = [str(f) for f in files]
+    where = files[0] if len(files) == 1 else f"{os.path.dirname(files[0])} ({len(files)} safetensors files)"
+    record = None
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            if INTEGRITY_TENSOR in f.keys():
+                try:
+                    record = json.loads(bytes(f.get_tensor(INTEGRITY_TENSOR).numpy()).decode())
+                    crcs, config_crc = dict(record["tensors"]), int(record["config"])
+                except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
+                    raise CheckpointError(
+                        f"{path}: tensor '{INTEGRITY_TENSOR}' is unreadable ({type(err).__name__}: {err}); the file is "
+                        "corrupt - copy or save it again"
+                    ) from err
+                break
+    if record is None:
+        raise CheckpointError(
+            f"{where}: tensor '{INTEGRITY_TENSOR}' is missing, which format_version {qconfig.format_version} "
+            "checkpoints carry; the checkpoint is incomplete or was not written by wush_compile - save it again"
+        )
+    if config_crc != _config_crc(qconfig):
+        raise CheckpointError(
+            f"{where}: config.json quantization_config does not match the CRC-32 recorded with the weights; "
+            "config.json was edited or belongs to another checkpoint - copy or save it again"
+        )
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if key == INTEGRITY_TENSOR:
+                    continue
+                if key not in crcs:
+                    raise CheckpointError(
+                        f"{path}: tensor '{key}' is not covered by the checksums recorded when the checkpoint was "
+                        "saved; the file was modified - save it again"
+                    )
+                if _crc32(f.get_tensor(key)) != crcs[key]:
+                    raise CheckpointError(
+                        f"{path}: tensor '{key}' does not match the CRC-32 recorded when the checkpoint was saved; "
+                        "the file is corrupt - copy or save it again"
+                    )
+
+
+def _check_no_missing_tensors(model: nn.Module, index: dict, where: str, derived: set[str] = frozenset()) -> None:
     """Every state-dict entry of ``model`` (WushLinears already swapped in) is in the checkpoint, except tied
     weights and what the model class declares optional."""
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -334,7 +454,7 @@ def _check_no_missing_tensors(model: nn.Module, index: dict, where: str) -> None
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     optional = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
     for key in model.state_dict():
-        if key in present or key in tied or any(p.search(key) for p in optional):
+        if key in present or key in tied or key in derived or any(p.search(key) for p in optional):
             continue
         raise CheckpointError(f"{where}: tensor '{key}' is missing; the checkpoint is incomplete - save it again")
 
@@ -489,23 +609,33 @@ class WushHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not self.pre_quantized:
             return model  # full-precision weights load first; quantized after loading
-        n = replace_linears(model, self.quantization_config)
+        qc = self.quantization_config
+        n = replace_linears(model, qc)
         self._index = {}
         if checkpoint_files:
-            self._index = check_checkpoint(checkpoint_files, self.quantization_config, model)
+            self._index = check_checkpoint(checkpoint_files, qc, model)
+            if qc.format_version >= 2:
+                verify_file_integrity(checkpoint_files, qc)
+        _ignore_known_keys(model, qc)
         logger.info("wush: %d Linears replaced by WushLinear before loading", n)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
             return quantize_on_load(model, self._on_load_config)
+        _set_row_exponents(model, getattr(self, "_index", {}))
         _check_loaded(model)
         verify_checksums(model, getattr(self, "_index", {}), self.quantization_config)
         return model
 
     def get_state_dict_and_metadata(self, model):
         """The model's state dict with no storage shared between two WushLinear buffers (safetensors would drop
-        all but one name, e.g. of a transform shared by q/k/v)."""
+        all but one name, e.g. of a transform shared by q/k/v), the guard tensors and the integrity tensor. The
+        quantization config is rebuilt from the model first (current layers, current format version: a loaded
+        format-1 checkpoint is re-saved as format 2); save_pretrained writes config.json after this hook."""
+        attach(model)
+        for mod in quantized_modules(model).values():  # scales set without refresh_row_exponent (by hand) included
+            mod.refresh_row_exponent()
         state = model.state_dict()
         seen: dict[Any, str] = {}
         for key, t in state.items():
@@ -516,6 +646,9 @@ class WushHfQuantizer(HfQuantizer):
                 state[key] = t.clone()
             else:
                 seen.setdefault(ptr, key)
+        for name in quantized_modules(model):
+            state[f"{name}.{_GUARD}"] = torch.empty(0, dtype=torch.uint8)
+        state[INTEGRITY_TENSOR] = integrity_tensor(_written(model, state), self.quantization_config)
         return state, {}
 
     def is_serializable(self, *args, **kwargs) -> bool:
@@ -528,6 +661,47 @@ class WushHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def _written(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` save_pretrained writes: tied weights (written once, under the other name) dropped."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    tied -= {f"{name}.{_GUARD}" for name in quantized_modules(model)}  # a quantized lm_head is untied on save
+    return {k: v for k, v in state.items() if k not in tied}
+
+
+def _ignore_known_keys(model: nn.Module, qconfig: WushQuantizationConfig) -> None:
+    """Tell transformers' load report that the guard tensors are expected extras (and, in format 1, that the row
+    exponents are derived, not missing). Instance attributes: the model class is left alone."""
+    names = "|".join(re.escape(n) for n in qconfig.modules)
+    if not names:
+        return
+    unexpected = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    unexpected.add(rf"(^|\.)({names})\.{_GUARD}$")
+    unexpected.add(rf"^{INTEGRITY_TENSOR}$")
+    model._keys_to_ignore_on_load_unexpected = unexpected
+    if qconfig.format_version < 2:
+        missing = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
+        missing.add(rf"(^|\.)({names})\.weight_row_exponent$")
+        model._keys_to_ignore_on_load_missing = missing
+
+
+def _set_row_exponents(model: nn.Module, index: dict) -> None:
+    """Derive the MXFP4 row exponents a checkpoint lacks (format 1); check the stored ones against the scales."""
+    for name, mod in quantized_modules(model).items():
+        if mod.weight_row_exponent is None or mod.weight_scales.device.type == "meta":
+            continue
+        want = formats.mx_row_reference_exponent(mod.weight_scales)
+        have = mod.weight_row_exponent
+        stored = any(k == f"{name}.weight_row_exponent" or k.endswith(f".{name}.weight_row_exponent") for k in index)
+        if not stored or have.device.type == "meta":
+            mod.weight_row_exponent = want
+        elif not torch.equal(have.to(want.device), want):
+            path = index.get(f"{name}.weight_row_exponent", ("the checkpoint",))[0]
+            raise CheckpointError(
+                f"{path}: tensor '{name}.weight_row_exponent' does not match the row maxima of "
+                f"'{name}.weight_scales'; the file is corrupt or was edited - save it again"
+            )
 
 
 def on_load_config(qconfig: WushQuantizationConfig) -> WushConfig:
@@ -600,19 +774,25 @@ def attach(model: PreTrainedModel, config: WushConfig | None = None) -> WushQuan
     return qconfig
 
 
-def _wrap_save_pretrained(orig):
-    @functools.wraps(orig)
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        if any(isinstance(m, WushLinear) for m in self.modules()):
-            attach(self)
-        return orig(self, save_directory, *args, **kwargs)
+def save_pretrained(
+    model: PreTrainedModel, save_directory, config: WushConfig | None = None, *, dtype: torch.dtype | None = None, **kwargs
+):
+    """Save a model holding WushLinear layers as a wush checkpoint: :func:`attach` (records the layers and the
+    calibration ``config``), optionally ``model.to(dtype)`` first (transforms, biases and the high-precision weights
+    follow; codes, scales and global scales stay exact), then ``model.save_pretrained(save_directory, **kwargs)``.
 
-    save_pretrained.__wush_original__ = orig
-    return save_pretrained
+    ``calibrate()`` attaches the quantizer itself, so a calibrated model may call ``model.save_pretrained`` directly;
+    a model assembled by hand (``quantize_linear``) needs this function or :func:`attach` first.
+    """
+    if dtype is not None:
+        model.to(dtype)
+    attach(model, config)
+    return model.save_pretrained(save_directory, **kwargs)
 
 
 def register() -> None:
-    """Register quant_method "wush" with transformers and hook ``save_pretrained``; safe to call repeatedly."""
+    """Register quant_method "wush" with transformers; safe to call repeatedly. ``save_pretrained`` itself is not
+    touched: the save path runs through the quantizer that :func:`attach` (or loading) puts on the model."""
     for mapping, cls, reg in (
         (_hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, WushQuantizationConfig, _hf_auto.register_quantization_config),
         (_hf_auto.AUTO_QUANTIZER_MAPPING, WushHfQuantizer, _hf_auto.register_quantizer),
@@ -622,8 +802,9 @@ def register() -> None:
         mapping.pop(QUANT_METHOD, None)  # an earlier copy of this module (importlib.reload)
         reg(QUANT_METHOD)(cls)
     current = PreTrainedModel.save_pretrained
-    original = getattr(current, "__wush_original__", current)
-    PreTrainedModel.save_pretrained = _wrap_save_pretrained(original)
+    original = getattr(current, "__wush_original__", None)
+    if original is not None:  # an earlier version of this module wrapped it: undo
+        PreTrainedModel.save_pretrained = original
 
 
 register()

@@ -49,6 +49,9 @@ class WushLinear(nn.Module):
         weight_global_scale ()  fp32
         act_global_scale    ()  fp32         MXFP4: 1/3; NVFP4: static calibration scale or 0.1
         bias                (N,) optional, model dtype
+        weight_row_exponent (N,) int16           MXFP4 only: the largest e8m0 scale byte of each weight row
+                                                 (:func:`formats.mx_row_reference_exponent`; NaN bytes excluded,
+                                                 -1 for a row without a finite scale); None for NVFP4
 
     Attributes (not tensors; saved in the checkpoint config): ``fmt``, ``transform_kind``, ``share_group`` (name
     of the group of layers that read the same input with an identical transform, or None).
@@ -93,6 +96,10 @@ class WushLinear(nn.Module):
         self.register_buffer("transform", torch.zeros(in_features // g, g, g, dtype=dtype, **kw))
         self.register_buffer("weight_global_scale", torch.ones((), dtype=torch.float32, **kw))
         self.register_buffer("act_global_scale", torch.ones((), dtype=torch.float32, **kw))
+        if fmt is Format.MXFP4:
+            self.register_buffer("weight_row_exponent", torch.full((out_features,), -1, dtype=torch.int16, **kw))
+        else:
+            self.weight_row_exponent = None
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
         else:
@@ -138,6 +145,13 @@ class WushLinear(nn.Module):
                 self._buffers[name] = old.to(device=new.device)
         self.refresh_transform_key()  # a dtype change rounds the transform
         return self
+
+    def refresh_row_exponent(self) -> None:
+        """Recompute ``weight_row_exponent`` from ``weight_scales`` (MXFP4; a no-op for NVFP4). Call after the
+        scales change."""
+        if self.weight_row_exponent is not None:
+            with torch.no_grad():
+                self.weight_row_exponent = formats.mx_row_reference_exponent(self.weight_scales)
 
     @property
     def group_size(self) -> int:

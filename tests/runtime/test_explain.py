@@ -98,7 +98,9 @@ def test_cli_explain_smoke(tmp_path, capsys):
 def test_cli_explain_calibrated_checkpoint(tmp_path, capsys):
     pytest.importorskip("wush_compile.hf", reason="saving calibrated checkpoints needs wush_compile.hf")
     model = calibrate_llama(tiny_llama(layers=1), "mxfp4", "wush")
-    model.save_pretrained(tmp_path / "ckpt")
+    from wush_compile import hf
+
+    hf.save_pretrained(model, tmp_path / "ckpt")  # assembled by hand: the explicit save path
     assert _cli(["explain", str(tmp_path / "ckpt"), "--tokens", "4", "--no-inductor"]) == 0
     out = capsys.readouterr().out
     assert "7 of 7 calibrated Linears rewritten" in out
