@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import platform
 import sys
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .. import settings
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def environment() -> dict:
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "git_sha": os.environ.get("WUSH_GIT_SHA", "unknown"),
+        "git_sha": settings.value("WUSH_GIT_SHA") or "unknown",
     }
     try:
         import cuda.bindings as cb

@@ -24,15 +24,14 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import weakref
 from typing import Sequence
 
 import torch
 
-from .. import formats
+from .. import formats, settings
 from ..config import Format, KernelChoice
-from .library import check_linear_args
+from .checks import check_linear_args
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ _MAX_LOCKS = 1 << 16
 #: decode kernels (1.32x vs 1.22x bf16, geomean), but end to end under CUDA graphs the Triton route was faster
 #: (Llama-3.1-8B shape, H100, 2026-11-23: 179.3 vs 169.4 tok/s at batch 1, 2051 vs 2002 at batch 16; the
 #: CUDA activation kernel alone took 6.0 us per call there against Triton's 2.8 us; benchmarks/RESULTS.md).
-CUDA_DECODE = os.environ.get("WUSH_CUDA_DECODE", "0") not in ("", "0")
+CUDA_DECODE = settings.cuda_decode()
 
 
 def triton_available() -> tuple[bool, str]:
@@ -181,13 +180,13 @@ def _check_x(x: torch.Tensor, transform: torch.Tensor, f: Format) -> None:
 
 def _use_asm(device: torch.device) -> bool:
     """The PTX nibble unpacker (cvt e4m3x2 -> f16x2) needs sm_89+; the interpreter runs the portable path."""
-    if _interpreting() or device.type != "cuda" or os.environ.get("WUSH_PORTABLE_UNPACK", "0") == "1":
+    if _interpreting() or device.type != "cuda" or settings.portable_unpack():
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return settings.triton_interpret()
 
 
 def _dot_ieee(x: torch.Tensor, t: torch.Tensor) -> bool:
