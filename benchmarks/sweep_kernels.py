@@ -46,10 +46,10 @@ def main() -> int:
                 xs = [torch.randn(m, k, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(nrot)]
                 res = []
                 for st in STAGES:
-                    base = kernels.linear_tiles(m, n, k, fmt, kernels._sm_count(dev))
+                    base = kernels.linear_tiles(m, n, k, fmt, kernels.sm_count(dev))
                     cfg = kernels.LinearTiles(base.block_n, base.block_m, base.block_k, base.split_k,
                                               base.steps_per_split, base.num_warps, st, False)
-                    res.append(common.bench_us([(lambda i=i: kernels._decode_linear(
+                    res.append(common.bench_us([(lambda i=i: kernels.decode_linear(
                         xs[i], Ls[i].w_codes, Ls[i].w_scales, Ls[i].transform, Ls[i].w_gs, Ls[i].a_gs, None, fmt,
                         torch.bfloat16, cfg)) for i in range(nrot)], graph=True))
                 print(f"decode {name} {fmt_name} M={m}: " + "  ".join(f"stages {s}={u:.1f}" for s, u in zip(STAGES, res)),

@@ -485,3 +485,19 @@ def _calibrate_block(i, layers, arch, config, report, inputs, keep_chunks, needs
             h.remove()
     for full, wl, meter in meters:
         report.layers.append(LayerRecord(full, wl.in_features, wl.out_features, meter.rel_err, wl.share_group))
+
+
+def quantize_linear_group(
+    members: list[tuple[str, str, nn.Linear]],
+    hessian: torch.Tensor | None,
+    config: WushConfig,
+    dtype: torch.dtype,
+    device,
+    group_name: str,
+) -> list[WushLinear]:
+    """WushLinears for one group of Linears reading the same input, from a given Hessian (K, K) of that input
+    (None: RTN without data). ``members`` are (full name, path in the block, Linear); the caller swaps the
+    returned modules in. The NVFP4 static activation scale needs calibration inputs: without them it is the
+    format's fixed scale, as :func:`calibrate` gives with no captured chunks. Used by benchmarks that calibrate
+    random models (``wush bench --e2e --model smollm2_shape``)."""
+    return _quantize_group(members, hessian, None, config, dtype, device, group_name)

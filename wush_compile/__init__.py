@@ -12,7 +12,7 @@ import torch
 from . import formats, transforms  # noqa: F401
 from .config import ActScale, Format, KernelChoice, Method, TransformKind, WushConfig
 from .modules import WushLinear
-from . import ops  # noqa: F401  (registers torch.ops.wush.*)
+from .ops import library as _library, reference as _reference  # noqa: F401  (registers torch.ops.wush.*)
 from .ops.dispatch import pin_kernel
 from . import backend as _backend
 from .explain import explain

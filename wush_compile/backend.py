@@ -30,6 +30,7 @@ from .config import KernelChoice
 from .ops import dispatch
 from .passes import LinearRecord, PassContext, group_shared_inputs, rewrite_linears
 from .passes._common import count
+from .report import format_rows
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +78,6 @@ class GraphResult:
         return sum(r.rewritten for r in self.records)
 
     def table(self) -> str:
-        from .explain import format_rows
-
         return format_rows(self.records)
 
 

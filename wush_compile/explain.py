@@ -20,6 +20,7 @@ from .backend import GraphResult, collect_results
 from .modules import WushLinear
 from .ops import dispatch
 from .passes import NOT_CALIBRATED, LinearRecord
+from .report import format_rows
 
 logger = logging.getLogger(__name__)
 
@@ -28,14 +29,6 @@ __all__ = ["explain", "ExplainReport", "LayerRow", "format_rows"]
 ARTIFACT_NAME = "wush_explain_report"
 NOT_TRACED = "not called by the compiled forward"
 
-_SHORT_PATH = {
-    "reference": "reference",
-    "triton_decode": "decode",
-    "triton_fp8": "prefill/fp8",
-    "triton_bf16": "prefill/bf16",
-    "cutlass": "native-fp4",
-    "auto": "per call",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,40 +107,6 @@ class ExplainReport:
 
     def _group_ids(self) -> dict[str, str]:
         return {name: f"g{i}" for i, name in enumerate(self.groups)}
-
-
-def format_rows(rows: Sequence[Any], group_ids: Optional[dict[str, str]] = None) -> str:
-    """A fixed-width table of LayerRows (or pass LinearRecords)."""
-    group_ids = group_ids or {}
-    header = ("layer", "N", "K", "fmt", "transform", "status", "kernel", "path", "M", "group", "why")
-    table = [header]
-    for r in rows:
-        if isinstance(r, LinearRecord):
-            name, status, transform = r.module or r.node, ("rewritten" if r.rewritten else "left alone"), None
-            m, kernel, group = r.m_hint, r.kernel, r.group
-        else:
-            name, status, transform, m, kernel, group = r.name, r.status, r.transform, r.m, r.kernel, r.group
-        table.append((
-            name,
-            str(r.n),
-            str(r.k),
-            r.fmt or "-",
-            transform or "-",
-            status,
-            kernel or "-",
-            _SHORT_PATH.get(kernel or "", "-"),
-            "-" if m is None else f"{m}{'*' if r.m_dynamic else ''}",
-            group_ids.get(group, group) if group else "-",
-            r.reason or "",
-        ))
-    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-    out = []
-    for row in table:
-        out.append("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1])
-    out.insert(1, "-" * min(160, sum(widths) + 2 * len(widths) + 3))
-    if any(getattr(r, "m_dynamic", False) for r in rows):
-        out.append("(M* = dynamic M; the number is the example call's)")
-    return "\n".join(out)
 
 
 def _linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -49,7 +49,7 @@ def test_entry_keeps_source_alive_and_clear_drops_it():
 
 
 def test_clear_caches_empties_every_cache():
-    cuda_ops._fp32_transform(torch.randn(2, 16, 16, dtype=torch.bfloat16))
-    cuda_ops._fp32_bias(torch.randn(16, dtype=torch.bfloat16))
+    cuda_ops.fp32_transform(torch.randn(2, 16, 16, dtype=torch.bfloat16))
+    cuda_ops.fp32_bias(torch.randn(16, dtype=torch.bfloat16))
     cuda_ops.clear_caches()
-    assert not cuda_ops._fp32_transform._entries and not cuda_ops._fp32_bias._entries
+    assert not cuda_ops.fp32_transform._entries and not cuda_ops.fp32_bias._entries

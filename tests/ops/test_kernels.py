@@ -219,7 +219,7 @@ def test_split_k_fixup_is_deterministic_and_rearms():
     for fused in (False, True):
         tiles = kernels.linear_tiles(m, n, k, fmt, sms=64, block_k=128, fused_act=fused)
         assert tiles.split_k > 1
-        outs = [kernels._decode_linear(x, codes, scales, t, w_gs, a_gs, None, Format.MXFP4, torch.float32, tiles)
+        outs = [kernels.decode_linear(x, codes, scales, t, w_gs, a_gs, None, Format.MXFP4, torch.float32, tiles)
                 for _ in range(3)]
         assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
         assert float((outs[0].double() - ref).norm() / ref.norm()) < 1e-5

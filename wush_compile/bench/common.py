@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from .. import settings
+
 logger = logging.getLogger(__name__)
 
 #: Bytes of working set a timed loop cycles through so that repeated calls do not run out of L2.
@@ -21,10 +23,8 @@ ROTATE_BYTES = 3 * 50 * 2**20
 
 def git_sha(repo: Path | None = None) -> str:
     """The repository's short sha (+ "-dirty"); WUSH_GIT_SHA overrides it where no .git travels."""
-    import os
-
-    if os.environ.get("WUSH_GIT_SHA"):
-        return os.environ["WUSH_GIT_SHA"]
+    if settings.value("WUSH_GIT_SHA"):
+        return settings.value("WUSH_GIT_SHA")
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=repo or Path(__file__).resolve().parents[2], timeout=10)

@@ -146,7 +146,7 @@ def calibrate_random(model: nn.Module, config: WushConfig, seed: int = 0) -> int
     Linears reading the same input (and one transform for the group with ``config.shared_transform``, so the
     backend can group them). Returns the count."""
     from calibrate.architectures import decoder_layers, get_architecture
-    from calibrate.pipeline import _quantize_group, group_name
+    from calibrate.pipeline import group_name, quantize_linear_group
     from tqdm.auto import tqdm
 
     arch = get_architecture(model)
@@ -157,8 +157,8 @@ def calibrate_random(model: nn.Module, config: WushConfig, seed: int = 0) -> int
         for group in arch.groups:
             members = [(f"{arch.layers_path}.{i}.{path}", path, block.get_submodule(path)) for path in group]
             h = _random_hessian(members[0][2].in_features, device, gen)
-            modules = _quantize_group(members, h, None, config, members[0][2].weight.dtype, device,
-                                      group_name(f"{arch.layers_path}.{i}", group))
+            modules = quantize_linear_group(members, h, config, members[0][2].weight.dtype, device,
+                                            group_name(f"{arch.layers_path}.{i}", group))
             for (_, path, _), wl in zip(members, modules):
                 parent, _, child = path.rpartition(".")
                 setattr(block.get_submodule(parent) if parent else block, child, wl)

@@ -89,10 +89,10 @@ def routes_for(m: int, fmt: Format) -> dict:
         out["decode"] = lambda x, L: kernels.linear(
             x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt.value, KernelChoice.TRITON_DECODE)
         if fmt is Format.MXFP4 and m == 1 and FUSED_DECODE_BENCH:
-            out["decode_fused"] = lambda x, L: kernels._decode_linear(
+            out["decode_fused"] = lambda x, L: kernels.decode_linear(
                 x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt, x.dtype,
                 kernels.linear_tiles(x.shape[0], L.w_codes.shape[0], x.shape[1], fmt,
-                                     kernels._sm_count(x.device), fused_act=True))
+                                     kernels.sm_count(x.device), fused_act=True))
     if m >= PREFILL_BENCH_MIN_M:
         if fmt is Format.MXFP4:
             out["fp8"] = lambda x, L: kernels.linear(
@@ -225,9 +225,9 @@ def sweep_decode(names=("qkv", "o", "gate_up", "down"), ms=(1, 16), seed: int = 
                 xs = [torch.randn(m, k, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(nrot)]
                 res = []
                 for bn, bk, pps, nw in SWEEP:
-                    cfg = kernels.linear_tiles(m, n, k, fmt, kernels._sm_count(dev), block_n=bn, block_k=bk,
+                    cfg = kernels.linear_tiles(m, n, k, fmt, kernels.sm_count(dev), block_n=bn, block_k=bk,
                                                programs_per_sm=pps, num_warps=nw)
-                    fns = [(lambda i=i: kernels._decode_linear(xs[i], Ls[i].w_codes, Ls[i].w_scales, Ls[i].transform,
+                    fns = [(lambda i=i: kernels.decode_linear(xs[i], Ls[i].w_codes, Ls[i].w_scales, Ls[i].transform,
                                                               Ls[i].w_gs, Ls[i].a_gs, None, fmt, torch.bfloat16, cfg))
                            for i in range(nrot)]
                     us = common.bench_us(fns, graph=True)
@@ -235,13 +235,13 @@ def sweep_decode(names=("qkv", "o", "gate_up", "down"), ms=(1, 16), seed: int = 
                     out.append(dict(layer=name, fmt=fmt_name, m=m, block_n=bn, block_k=bk, programs_per_sm=pps,
                                     num_warps=nw, split_k=cfg.split_k, us=us))
                 # where the time goes: the activation quantize launch alone, the GEMM alone
-                cfg = kernels.linear_tiles(m, n, k, fmt, kernels._sm_count(dev))
+                cfg = kernels.linear_tiles(m, n, k, fmt, kernels.sm_count(dev))
                 t_q = common.bench_us([(lambda i=i: kernels.quantize_act_f16(xs[i], Ls[i].transform, Ls[i].a_gs,
                                                                              fmt_name, cfg.block_k)) for i in range(nrot)],
                                       graph=True)
                 pre = [kernels.quantize_act_f16(xs[i], Ls[i].transform, Ls[i].a_gs, fmt_name, cfg.block_k)
                        for i in range(nrot)]
-                t_g = common.bench_us([(lambda i=i: kernels._gemv_only(pre[i], Ls[i].w_codes, Ls[i].w_scales,
+                t_g = common.bench_us([(lambda i=i: kernels.decode_gemm(pre[i], Ls[i].w_codes, Ls[i].w_scales,
                                                                       Ls[i].w_gs, Ls[i].a_gs, fmt, cfg))
                                        for i in range(nrot)], graph=True)
                 t_e = common.bench_us([(lambda: torch.empty(1, device=dev))], graph=True)
@@ -267,7 +267,7 @@ def _ceilings() -> dict:
 
 
 def _bench_quant(k: int, fmt: Format, L: Layer, ceil: dict, gen) -> list[dict]:
-    """Transform + quantize alone at M=8192 (codes + scales; and the fp8 row-folded form for MXFP4)."""
+    """Transform + quantize alone at M=8192 (codes + scales)."""
     m = 8192
     out = []
     xs = [torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(2)]
@@ -279,12 +279,6 @@ def _bench_quant(k: int, fmt: Format, L: Layer, ceil: dict, gen) -> list[dict]:
     byts = m * k * (2 + 0.5 + 1 / fmt.group_size)
     out.append(dict(kind="fp4", k=k, fmt=fmt.value, us=us, gbs=byts / us / 1e3,
                     pct_copy=100 * byts / us / 1e3 / ceil["copy_gbs"], code_bytes_differing=mism))
-    if fmt is Format.MXFP4:
-        us8 = common.bench_us([(lambda i=i: kernels.transform_quantize_fp8(xs[i], L.transform)) for i in range(2)],
-                              graph=False)
-        b8 = m * k * 3 + m * 4
-        out.append(dict(kind="fp8_rowfold", k=k, fmt=fmt.value, us=us8, gbs=b8 / us8 / 1e3,
-                        pct_copy=100 * b8 / us8 / 1e3 / ceil["copy_gbs"]))
     for r in out:
         print(f"transform+quantize {r['kind']} {fmt.value} M=8192 K={k}: {r['us']:.1f} us, {r['gbs']:.0f} GB/s, "
               f"{r['pct_copy']:.1f}% of copy", flush=True)

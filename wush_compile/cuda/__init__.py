@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any, Union
 
 import torch
 
+from .. import settings
 from . import builder, layout, loader  # noqa: F401
 from .ops import fp4_gemm, fp8_gemm, linear, transform_quantize  # noqa: F401  (registers wush::cutlass_*)
 
@@ -40,7 +40,7 @@ def _as_device(device: Union[torch.device, str, int, None]) -> torch.device:
 
 
 def _check(device: torch.device, archs: tuple[str, ...], what: str) -> tuple[bool, str]:
-    if os.environ.get("WUSH_DISABLE_CUTLASS", "0") not in ("", "0"):
+    if settings.cutlass_disabled():
         return False, "the CUTLASS cubin path is disabled by WUSH_DISABLE_CUTLASS"
     if device.type != "cuda":
         return False, f"{device} is not a CUDA device"
@@ -63,7 +63,7 @@ def _check(device: torch.device, archs: tuple[str, ...], what: str) -> tuple[boo
     d, reason = loader.find_artifacts(arch, core)
     if d is not None:
         return True, f"{what} cubins for {arch}: {reason}"
-    if os.environ.get("WUSH_CUDA_CUBIN_DIR"):
+    if settings.cubin_dir():
         return False, reason
     try:
         tc = builder.find_toolchain()

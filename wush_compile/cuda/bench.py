@@ -12,13 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import platform
 import sys
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +56,10 @@ def _bench(fn: Callable[[], object], graph: bool) -> tuple[float, Optional[float
 
 
 def environment() -> dict:
-    import triton
+    """The benchmarks' environment header (:func:`wush_compile.bench.common.environment`) plus cuda-python."""
+    from ..bench.common import environment as bench_environment
 
-    dev = torch.cuda.current_device()
-    info = {
-        "gpu": torch.cuda.get_device_name(dev),
-        "capability": ".".join(map(str, torch.cuda.get_device_capability(dev))),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "git_sha": os.environ.get("WUSH_GIT_SHA", "unknown"),
-    }
+    info = bench_environment()
     try:
         import cuda.bindings as cb
 

@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from .. import settings
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -185,11 +187,11 @@ def targets(arch: str) -> list[Target]:
 def find_nvcc() -> Path:
     """nvcc from ``WUSH_NVCC``, ``CUDA_HOME``/``CUDA_PATH``, ``PATH``, /usr/local/cuda; BuildError if none."""
     tried = []
-    env = os.environ.get("WUSH_NVCC")
+    env = settings.value("WUSH_NVCC")
     candidates = [Path(env)] if env else []
     for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidates.append(Path(os.environ[var]) / "bin" / "nvcc")
+        if settings.value(var):
+            candidates.append(Path(settings.value(var)) / "bin" / "nvcc")
     which = shutil.which("nvcc")
     if which:
         candidates.append(Path(which))
@@ -241,7 +243,7 @@ def find_cuobjdump() -> Optional[Path]:
 
 def find_cutlass_include() -> Path:
     """CUTLASS's include directory: ``WUSH_CUTLASS_INCLUDE`` or the ``nvidia-cutlass`` package's headers."""
-    env = os.environ.get("WUSH_CUTLASS_INCLUDE")
+    env = settings.value("WUSH_CUTLASS_INCLUDE")
     if env:
         p = Path(env)
         if not (p / "cutlass" / "cutlass.h").is_file():
@@ -289,10 +291,10 @@ def source_hash() -> str:
 
 
 def cache_root() -> Path:
-    env = os.environ.get("WUSH_CUDA_CACHE")
+    env = settings.value("WUSH_CUDA_CACHE")
     if env:
         return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = settings.value("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "wush_compile" / "cuda"
 
 

@@ -26,13 +26,12 @@ import ctypes
 import dataclasses
 import functools
 import logging
-import os
 import threading
 from typing import Optional, Sequence
 
 import torch
 
-from .. import formats
+from .. import formats, settings
 from ..config import Format
 
 logger = logging.getLogger(__name__)
@@ -294,7 +293,7 @@ def _available_cached(device: str) -> tuple[bool, str]:
     found, reason = loader.find_artifacts("sm_90a", [target])
     if found is not None:
         return True, f"decode cubin: {reason}"
-    if os.environ.get("WUSH_CUDA_CUBIN_DIR"):
+    if settings.cubin_dir():
         return False, reason
     try:
         builder.find_toolchain()
@@ -306,7 +305,7 @@ def _available_cached(device: str) -> tuple[bool, str]:
 def available(device=None) -> tuple[bool, str]:
     """(True, where the cubin comes from) when the decode kernels can run on ``device``, else (False, why).
     Cached per device; never builds."""
-    if os.environ.get("WUSH_DISABLE_CUDA_DECODE", "0") not in ("", "0"):
+    if settings.cuda_decode_disabled():
         return False, "the CUDA decode kernels are disabled by WUSH_DISABLE_CUDA_DECODE"
     d = torch.device(device) if device is not None else torch.device("cuda")
     if d.type == "cuda" and d.index is None and torch.cuda.is_available():
@@ -362,7 +361,7 @@ def _function(name: str, device_index: int, smem: int, params: type):
     fn = _FUNCS.get(key)
     if fn is None:
         d = loader.artifacts("sm_90a", [_target()])
-        fn = loader._cubin(d / _target().filename).function(name, device_index, smem, ctypes.sizeof(params))
+        fn = loader.cubin(d / _target().filename).function(name, device_index, smem, ctypes.sizeof(params))
         _FUNCS[key] = fn
     return fn
 
@@ -374,7 +373,7 @@ def _ctas_per_sm(fn, name: str, device_index: int, threads: int, smem: int) -> i
     occ = _OCCUPANCY.get(key)
     if occ is None:
         drv = loader.driver()
-        occ = int(loader._check(drv, drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, threads, smem),
+        occ = int(loader.check_result(drv, drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, threads, smem),
                                 f"cuOccupancyMaxActiveBlocksPerMultiprocessor({name})"))
         if occ < 1:
             raise loader.CudaLaunchError(f"{name} cannot be resident with {smem} B of shared memory")
@@ -383,36 +382,16 @@ def _ctas_per_sm(fn, name: str, device_index: int, threads: int, smem: int) -> i
     return occ
 
 
-_CONFIGS: dict[tuple, object] = {}
-
-
 def _launch(fn, grid: int, threads: int, smem: int, stream: int, params, pdl: bool) -> None:
-    """cuLaunchKernelEx on ``stream``; ``pdl`` adds programmatic stream serialization (the kernel may start
-    before the previous one on the stream finishes and waits in ``griddepcontrol.wait``)."""
     from . import loader
 
-    drv = loader.driver()
-    key = (grid, threads, smem, stream, pdl)
-    config = _CONFIGS.get(key)
-    if config is None:
-        config = drv.CUlaunchConfig()
-        config.gridDimX, config.gridDimY, config.gridDimZ = int(grid), 1, 1
-        config.blockDimX, config.blockDimY, config.blockDimZ = int(threads), 1, 1
-        config.sharedMemBytes = int(smem)
-        config.hStream = drv.CUstream(int(stream))
-        if pdl:
-            attr = drv.CUlaunchAttribute()
-            attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-            attr.value.programmaticStreamSerializationAllowed = 1
-            config.attrs = [attr]
-            config.numAttrs = 1
-        else:
-            config.numAttrs = 0
-        if len(_CONFIGS) >= 1024:
-            _CONFIGS.clear()
-        _CONFIGS[key] = config
-    arg_ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(params))
-    loader._check(drv, drv.cuLaunchKernelEx(config, fn, ctypes.addressof(arg_ptrs), 0), "cuLaunchKernelEx")
+    loader.launch(fn, (grid, 1, 1), (threads, 1, 1), smem, stream, params, pdl=pdl)
+
+
+def _loader():
+    from . import loader
+
+    return loader
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -421,9 +400,9 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def _fp32_transform(t: torch.Tensor) -> torch.Tensor:
-    from .ops import _fp32_transform as cache
+    from .ops import fp32_transform
 
-    return cache(t)
+    return fp32_transform(t)
 
 
 def _index(t: torch.Tensor) -> int:
@@ -508,7 +487,7 @@ def linear(
     name = gemm_kernel_name(f, tiles, config)
     smem = smem_bytes(f, tiles, config)
     gemm_fn = _function(name, idx, smem, _DecGemmArgs)
-    p = _plan_cached(m, n, k, f, _sm_count(idx), _ctas_per_sm(gemm_fn, name, idx, config.warps * 32, smem), config)
+    p = _plan_cached(m, n, k, f, _loader().sm_count(idx), _ctas_per_sm(gemm_fn, name, idx, config.warps * 32, smem), config)
 
     x = _aligned(x)
     w_codes = _aligned(w_codes)
@@ -539,16 +518,11 @@ def _plan_cached(m, n, k, f, sms, occ, config) -> DecodePlan:
     return plan(m, n, k, f, sms, occ, config)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _bias32(bias: torch.Tensor) -> torch.Tensor:
     if bias.dtype == torch.float32 and bias.is_contiguous():
         return bias
-    from .ops import _fp32_bias
+    from .ops import fp32_bias
 
-    return _fp32_bias(bias)
+    return fp32_bias(bias)
 
 

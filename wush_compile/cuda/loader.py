@@ -23,13 +23,13 @@ import ctypes
 import dataclasses
 import functools
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
+from .. import settings
 from . import builder as _build
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,9 @@ __all__ = [
     "gemm_kernel",
     "quantize_kernel",
     "launch",
+    "cubin",
+    "check_result",
+    "sm_count",
 ]
 
 ABI_VERSION = 1  # wush_gemm_abi.cuh WUSH_ABI_VERSION
@@ -112,6 +115,12 @@ class WushQuantArgs(ctypes.Structure):
     ]
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of cuda:``index``."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def arch_for_capability(capability: tuple[int, int]) -> Optional[str]:
     """The build architecture whose cubins run on a device of this capability (None: none of ours)."""
     return _ARCH_OF_CAPABILITY.get(tuple(capability))
@@ -136,11 +145,11 @@ def driver() -> Any:
         result = drv.cuInit(0)
     except Exception as exc:  # cuda-python finds no driver library (no GPU driver installed)
         raise CudaUnavailable(f"cuda-python found no CUDA driver: {exc}") from exc
-    _check(drv, result, "cuInit")
+    check_result(drv, result, "cuInit")
     return drv
 
 
-def _check(drv: Any, result: Any, what: str) -> Any:
+def check_result(drv: Any, result: Any, what: str) -> Any:
     """Unpack a cuda-python (err, *values) result, raising CudaLaunchError with the driver's error name."""
     if isinstance(result, tuple):
         err, values = result[0], result[1:]
@@ -166,7 +175,7 @@ def _check(drv: Any, result: Any, what: str) -> Any:
 def search_dirs(arch: str) -> list[Path]:
     """Where artifacts for ``arch`` are looked for, in order: ``WUSH_CUDA_CUBIN_DIR`` (itself or its ``<arch>/``)
     when set, else the package's ``prebuilt/<arch>/`` and the user cache's ``<arch>-*`` directories."""
-    env = os.environ.get("WUSH_CUDA_CUBIN_DIR")
+    env = settings.cubin_dir()
     if env:
         cands = [Path(env), Path(env) / arch]
     else:
@@ -185,7 +194,7 @@ def find_artifacts(arch: str, targets: Sequence["_build.Target"]) -> tuple[Optio
         if all((d / n).is_file() for n in names):
             return d, f"{arch} artifacts in {d}"
     where = ", ".join(map(str, dirs)) or "no directory"
-    env = " (WUSH_CUDA_CUBIN_DIR)" if os.environ.get("WUSH_CUDA_CUBIN_DIR") else ""
+    env = " (WUSH_CUDA_CUBIN_DIR)" if settings.cubin_dir() else ""
     return None, f"no {arch} build of these kernel sources ({', '.join(names)}) in {where}{env}"
 
 
@@ -199,10 +208,10 @@ def artifacts(arch: str, targets: Sequence["_build.Target"]) -> Path:
         d, reason = find_artifacts(arch, targets)
         if d is not None:
             return d
-        if os.environ.get("WUSH_CUDA_CUBIN_DIR"):
+        if settings.cubin_dir():
             raise CudaUnavailable(
                 f"{reason}; rebuild with python -m wush_compile.cuda.build --arch {arch} --out "
-                f"{os.environ['WUSH_CUDA_CUBIN_DIR']}"
+                f"{settings.cubin_dir()}"
             )
         try:
             toolchain = _build.find_toolchain()
@@ -240,18 +249,18 @@ class _Cubin:
             drv = driver()
             if self._library is None:
                 data = self.path.read_bytes()
-                self._library = _check(drv, drv.cuLibraryLoadData(data, None, None, 0, None, None, 0),
+                self._library = check_result(drv, drv.cuLibraryLoadData(data, None, None, 0, None, None, 0),
                                        f"cuLibraryLoadData({self.path.name})")
                 logger.info("loaded %s", self.path)
-            kernel = _check(drv, drv.cuLibraryGetKernel(self._library, name.encode()),
+            kernel = check_result(drv, drv.cuLibraryGetKernel(self._library, name.encode()),
                             f"cuLibraryGetKernel({name}) in {self.path.name}")
             if params_bytes is not None:
                 _check_param_size(drv, kernel, name, params_bytes)
             with torch.cuda.device(device_index):
                 torch.cuda.current_stream()  # makes torch's primary context current on this thread
-                fn = _check(drv, drv.cuKernelGetFunction(kernel), f"cuKernelGetFunction({name})")
+                fn = check_result(drv, drv.cuKernelGetFunction(kernel), f"cuKernelGetFunction({name})")
                 if smem_bytes > 48 * 1024:
-                    _check(drv, drv.cuFuncSetAttribute(
+                    check_result(drv, drv.cuFuncSetAttribute(
                         fn, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(smem_bytes)),
                         f"cuFuncSetAttribute({name}, max dynamic shared memory = {smem_bytes})")
             self._functions[key] = fn
@@ -277,7 +286,8 @@ _CUBINS: dict[Path, _Cubin] = {}
 _CUBINS_LOCK = threading.Lock()
 
 
-def _cubin(path: Path) -> _Cubin:
+def cubin(path: Path) -> _Cubin:
+    """The cubin at ``path``, loaded once per process (kernels resolved per device on first use)."""
     with _CUBINS_LOCK:
         c = _CUBINS.get(path)
         if c is None:
@@ -288,9 +298,11 @@ def _cubin(path: Path) -> _Cubin:
 _CONFIGS: dict[tuple, Any] = {}
 
 
-def _launch_config(grid, block, smem_bytes: int, stream: int, cluster) -> Any:
-    """A CUlaunchConfig per (grid, block, shared memory, stream, cluster), built once (building one costs ~10 us)."""
-    key = (tuple(grid), tuple(block), smem_bytes, stream, tuple(cluster))
+def _launch_config(grid, block, smem_bytes: int, stream: int, cluster, pdl: bool = False) -> Any:
+    """A CUlaunchConfig per (grid, block, shared memory, stream, cluster, pdl), built once (building one costs
+    ~10 us). ``pdl`` adds programmatic stream serialization: the kernel may start before the previous one on the
+    stream finishes and waits in ``griddepcontrol.wait``."""
+    key = (tuple(grid), tuple(block), smem_bytes, stream, tuple(cluster), pdl)
     config = _CONFIGS.get(key)
     if config is not None:
         return config
@@ -300,14 +312,20 @@ def _launch_config(grid, block, smem_bytes: int, stream: int, cluster) -> Any:
     config.blockDimX, config.blockDimY, config.blockDimZ = (int(v) for v in block)
     config.sharedMemBytes = int(smem_bytes)
     config.hStream = drv.CUstream(int(stream))
+    attrs = []
     if tuple(cluster) != (1, 1, 1):
         attr = drv.CUlaunchAttribute()
         attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
         attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = (int(v) for v in cluster)
-        config.attrs = [attr]
-        config.numAttrs = 1
-    else:
-        config.numAttrs = 0
+        attrs.append(attr)
+    if pdl:
+        attr = drv.CUlaunchAttribute()
+        attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        attrs.append(attr)
+    if attrs:
+        config.attrs = attrs
+    config.numAttrs = len(attrs)
     if len(_CONFIGS) >= 1024:
         _CONFIGS.clear()
     _CONFIGS[key] = config
@@ -322,12 +340,14 @@ def launch(
     stream: int,
     params: "ctypes.Array | ctypes.Structure",
     cluster: Sequence[int] = (1, 1, 1),
+    pdl: bool = False,
 ) -> None:
-    """Launch ``fn`` with one by-value parameter whose bytes are ``params``, on the raw stream handle ``stream``."""
+    """Launch ``fn`` with one by-value parameter whose bytes are ``params``, on the raw stream handle ``stream``
+    (``pdl``: programmatic dependent launch, see :func:`_launch_config`)."""
     drv = driver()
     arg_ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(params))
-    config = _launch_config(grid, block, smem_bytes, stream, cluster)
-    _check(drv, drv.cuLaunchKernelEx(config, fn, ctypes.addressof(arg_ptrs), 0), "cuLaunchKernelEx")
+    config = _launch_config(grid, block, smem_bytes, stream, cluster, pdl)
+    check_result(drv, drv.cuLaunchKernelEx(config, fn, ctypes.addressof(arg_ptrs), 0), "cuLaunchKernelEx")
 
 
 # ---------------------------------------------------------------- host libraries and kernels
@@ -432,7 +452,7 @@ def gemm_kernel(arch: str, variant: str) -> GemmKernel:
         d = artifacts(arch, [target, host_target])
         host = _host_library(d / host_target.filename)
         info = host.info(variant)
-        k = _GEMMS[key] = GemmKernel(variant, arch, host, _cubin(d / target.filename), info)
+        k = _GEMMS[key] = GemmKernel(variant, arch, host, cubin(d / target.filename), info)
         logger.info(
             "%s: tile %s, cluster %s, %d threads, %d B shared memory, %d B params",
             variant, tuple(info.tile), tuple(info.cluster), info.block[0], info.smem_bytes, info.params_bytes,
@@ -450,6 +470,6 @@ def quantize_kernel(arch: str, name: str, device_index: int, smem_bytes: int) ->
     if fn is None:
         target = next(t for t in _build.targets(arch) if t.kind == "quantize")
         d = artifacts(arch, [target])
-        fn = _cubin(d / target.filename).function(name, device_index, smem_bytes, ctypes.sizeof(WushQuantArgs))
+        fn = cubin(d / target.filename).function(name, device_index, smem_bytes, ctypes.sizeof(WushQuantArgs))
         _QUANT_FUNCS[key] = fn
     return fn

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from ..config import Format
+from ..ops.checks import check_linear_args
 from . import builder, layout, loader
 
 __all__ = [
@@ -45,11 +46,6 @@ _FP4_ARCHS = ("sm_100a", "sm_120a")
 
 
 # ---------------------------------------------------------------- helpers
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _device_arch(device: torch.device) -> str:
@@ -155,13 +151,13 @@ class _DerivedCache:
 
 
 _swizzled_scales = _DerivedCache(layout.to_swizzled)
-_fp32_transform = _DerivedCache(lambda t: t.to(torch.float32).contiguous())
-_fp32_bias = _DerivedCache(lambda t: t.to(torch.float32).contiguous())
+fp32_transform = _DerivedCache(lambda t: t.to(torch.float32).contiguous())
+fp32_bias = _DerivedCache(lambda t: t.to(torch.float32).contiguous())
 
 
 def clear_caches() -> None:
     """Drop every derived tensor (called when dynamo resets, with the recorded CUDA graphs that used them)."""
-    for cache in (_swizzled_scales, _fp32_transform, _fp32_bias):
+    for cache in (_swizzled_scales, fp32_transform, fp32_bias):
         cache.clear()
 
 
@@ -208,7 +204,7 @@ def cutlass_transform_quantize(
     g = f.group_size
     if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
         x = x.contiguous() if not x.is_contiguous() else x.clone()  # 16-byte row loads
-    t = _fp32_transform(transform) if transform is not None else None
+    t = fp32_transform(transform) if transform is not None else None
     codes = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
     if swizzled:
         n_sf = layout.swizzled_scale_numel(m, k // g)
@@ -301,7 +297,7 @@ def cutlass_fp4_gemm(
     args = loader.WushGemmArgs(
         m=m, n=n, k=k, a=a_codes.data_ptr(), b=w_codes.data_ptr(), a_scale=a_scales.data_ptr(),
         b_scale=w_scales.data_ptr(), alpha_a=a_global_scale.data_ptr(), alpha_b=w_global_scale.data_ptr(),
-        bias=_ptr(bias32), d=out.data_ptr(), sm_count=_sm_count(idx), max_swizzle=0,
+        bias=_ptr(bias32), d=out.data_ptr(), sm_count=loader.sm_count(idx), max_swizzle=0,
     )
     kernel.run(args, idx, torch.cuda.current_stream(a_codes.device).cuda_stream)
     return out
@@ -329,8 +325,6 @@ def cutlass_linear(
     fmt: str,
 ) -> torch.Tensor:
     """SPEC section 5 on the native FP4 path: fused transform+quantize (swizzled scales), block-scaled GEMM."""
-    from ..ops.library import check_linear_args
-
     _require_cuda(x, "wush::cutlass_linear")
     check_linear_args(x, weight_codes, weight_scales, transform, weight_global_scale, act_global_scale, bias, fmt)
     lead = x.shape[:-1]
@@ -343,8 +337,6 @@ def cutlass_linear(
 
 @cutlass_linear.register_fake
 def _(x, weight_codes, weight_scales, transform, weight_global_scale, act_global_scale, bias, fmt):
-    from ..ops.library import check_linear_args
-
     check_linear_args(x, weight_codes, weight_scales, transform, weight_global_scale, act_global_scale, bias, fmt)
     return x.new_empty((*x.shape[:-1], weight_codes.shape[0]))
 
@@ -402,7 +394,7 @@ def cutlass_fp8_gemm(
     args = loader.WushGemmArgs(
         m=m, n=n, k=k, a=a.data_ptr(), b=b.data_ptr(), a_scale=_ptr(sa), b_scale=_ptr(sb),
         alpha_a=alpha_a.data_ptr(), alpha_b=alpha_b.data_ptr(), bias=_ptr(bias32), d=out.data_ptr(),
-        sm_count=_sm_count(idx), max_swizzle=0,
+        sm_count=loader.sm_count(idx), max_swizzle=0,
     )
     kernel.run(args, idx, torch.cuda.current_stream(a.device).cuda_stream)
     return out

@@ -167,6 +167,29 @@ def _store_out(out_ptr, y, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_B
 
 
 @triton.jit
+def _split_k_store(out_ptr, part_ptr, lock_ptr, acc, pid_n, pid_m, pid_k, tok, tok_mask, wn, w_mask, gscale, bias_ptr,
+                   N, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+    """Epilogue of the split-K GEMMs: store the (BN, BM) tile, or (SPLIT_K > 1) park the partial tile; the last
+    program to arrive sums them all in split order (deterministic), writes the output and re-arms the tile's
+    counter for the next call."""
+    if SPLIT_K == 1:
+        _store_out(out_ptr, acc, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS)
+    else:
+        n_tiles = tl.num_programs(0) * tl.num_programs(1)
+        tile = pid_m * tl.num_programs(0) + pid_n
+        offs = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
+        tl.store(part_ptr + (pid_k * n_tiles + tile).to(tl.int64) * (BN * BM) + offs, acc)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + tile, 1)
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BN, BM), tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(part_ptr + (s * n_tiles + tile).to(tl.int64) * (BN * BM) + offs, cache_modifier=".cg")
+            _store_out(out_ptr, total, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS)
+            tl.atomic_xchg(lock_ptr + tile, 0)
+
+
+@triton.jit
 def _fp4_linear_kernel(
     x_ptr, stride_xm, t_ptr, ga_ptr, a_ptr, as_ptr, w_ptr, ws_ptr, gw_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, NB, BLK_PER_SPLIT,
@@ -187,23 +210,8 @@ def _fp4_linear_kernel(
     blk_hi = tl.minimum(blk_lo + BLK_PER_SPLIT, NB)
     acc = _linear_tile(x_ptr, stride_xm, t_ptr, ga, a_ptr, as_ptr, w_ptr, ws_ptr, tok, tok_mask, wn, w_mask,
                        blk_lo, blk_hi, NB, FMT, A_FUSED, BN, BM, NG, G, DOT_IEEE, USE_ASM)
-    if SPLIT_K == 1:
-        _store_out(out_ptr, acc, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS)
-    else:
-        # Split-K fix-up: every program parks its partial tile; the last one to arrive sums them all in
-        # split order (deterministic), writes the output and re-arms the tile's counter for the next call.
-        n_tiles = tl.num_programs(0) * tl.num_programs(1)
-        tile = pid_m * tl.num_programs(0) + pid_n
-        offs = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
-        tl.store(part_ptr + (pid_k * n_tiles + tile).to(tl.int64) * (BN * BM) + offs, acc)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(lock_ptr + tile, 1)
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BN, BM), tl.float32)
-            for s in range(SPLIT_K):
-                total += tl.load(part_ptr + (s * n_tiles + tile).to(tl.int64) * (BN * BM) + offs, cache_modifier=".cg")
-            _store_out(out_ptr, total, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS)
-            tl.atomic_xchg(lock_ptr + tile, 0)
+    _split_k_store(out_ptr, part_ptr, lock_ptr, acc, pid_n, pid_m, pid_k, tok, tok_mask, wn, w_mask, gscale, bias_ptr,
+                   N, HAS_BIAS, SPLIT_K, BN, BM)
 
 
 @triton.jit
@@ -360,21 +368,8 @@ def _fp4_gemv_kernel(
             acc = tl.dot(whi * mult2, tl.trans(a_odd), acc)
     ga = tl.load(ga_ptr)
     gscale = ga * tl.load(gw_ptr)
-    if SPLIT_K == 1:
-        _store_out(out_ptr, acc, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS)
-    else:
-        n_tiles = tl.num_programs(0) * tl.num_programs(1)
-        tile = pid_m * tl.num_programs(0) + pid_n
-        offs = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
-        tl.store(part_ptr + (pid_k * n_tiles + tile).to(tl.int64) * (BN * BM) + offs, acc)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(lock_ptr + tile, 1)
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BN, BM), tl.float32)
-            for s in range(SPLIT_K):
-                total += tl.load(part_ptr + (s * n_tiles + tile).to(tl.int64) * (BN * BM) + offs, cache_modifier=".cg")
-            _store_out(out_ptr, total, tok, tok_mask, wn, w_mask, gscale, bias_ptr, N, HAS_BIAS)
-            tl.atomic_xchg(lock_ptr + tile, 0)
+    _split_k_store(out_ptr, part_ptr, lock_ptr, acc, pid_n, pid_m, pid_k, tok, tok_mask, wn, w_mask, gscale, bias_ptr,
+                   N, HAS_BIAS, SPLIT_K, BN, BM)
 
 
 @triton.jit

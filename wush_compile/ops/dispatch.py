@@ -29,11 +29,11 @@ import contextvars
 import dataclasses
 import functools
 import logging
-import os
 from typing import Iterator, Optional
 
 import torch
 
+from .. import settings
 from ..config import Format, KernelChoice
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def triton_kernels_status() -> tuple[bool, str]:
 
 
 def _triton_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return settings.triton_interpret()
 
 
 @functools.lru_cache(maxsize=None)

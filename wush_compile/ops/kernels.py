@@ -24,15 +24,14 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import weakref
 from typing import Sequence
 
 import torch
 
-from .. import formats
+from .. import formats, settings
 from ..config import Format, KernelChoice
-from .library import check_linear_args
+from .checks import check_linear_args
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +42,17 @@ __all__ = [
     "linear_tiles",
     "transform_quantize",
     "transform_dequantize",
-    "transform_quantize_fp8",
     "expand_fp8",
     "quantize_act_f16",
     "dequantize_codes",
     "fp4_gemm",
     "linear",
     "fallback_stats",
+    "decode_linear",
+    "decode_gemm",
+    "sm_count",
+    "prepare",
+    "linear_group",
     "triton_available",
 ]
 
@@ -70,7 +73,7 @@ _MAX_LOCKS = 1 << 16
 #: decode kernels (1.32x vs 1.22x bf16, geomean), but end to end under CUDA graphs the Triton route was faster
 #: (Llama-3.1-8B shape, H100, 2026-11-23: 179.3 vs 169.4 tok/s at batch 1, 2051 vs 2002 at batch 16; the
 #: CUDA activation kernel alone took 6.0 us per call there against Triton's 2.8 us; benchmarks/RESULTS.md).
-CUDA_DECODE = os.environ.get("WUSH_CUDA_DECODE", "0") not in ("", "0")
+CUDA_DECODE = settings.cuda_decode()
 
 
 def triton_available() -> tuple[bool, str]:
@@ -181,13 +184,13 @@ def _check_x(x: torch.Tensor, transform: torch.Tensor, f: Format) -> None:
 
 def _use_asm(device: torch.device) -> bool:
     """The PTX nibble unpacker (cvt e4m3x2 -> f16x2) needs sm_89+; the interpreter runs the portable path."""
-    if _interpreting() or device.type != "cuda" or os.environ.get("WUSH_PORTABLE_UNPACK", "0") == "1":
+    if _interpreting() or device.type != "cuda" or settings.portable_unpack():
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return settings.triton_interpret()
 
 
 def _dot_ieee(x: torch.Tensor, t: torch.Tensor) -> bool:
@@ -214,7 +217,8 @@ def _mx_global(device) -> torch.Tensor:
     return t
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (the split-K heuristic's input; the H100's count off CUDA)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return _DEFAULT_SMS
@@ -381,21 +385,6 @@ def expand_fp8(
     return q, row_scale, rows
 
 
-def transform_quantize_fp8(x: torch.Tensor, transform: torch.Tensor):
-    """MXFP4 transform + quantize written as row-folded e4m3: (codes (M, K) float8_e4m3fn, row scales (M,) fp32
-    (without the 1/3 global scale), listed rows (M,) int32, count (1,) int32).
-
-    Row m's MXFP4 values (without the global scale) are ``codes[m] * row_scale[m]`` for every row that is
-    not listed; listed rows (exponent spread beyond e4m3, NaN/Inf) need the exact fallback.
-    """
-    a_codes, a_scales = transform_quantize(x, transform, None, "mxfp4")
-    m = x.shape[0]
-    buf = torch.zeros(1 + m, dtype=torch.int32, device=x.device)
-    one = torch.ones((), dtype=torch.float32, device=x.device)
-    q, rs, rows = expand_fp8(a_codes, a_scales, one, one, buf[1:], buf[0:1], _stats(x.device))
-    return q, rs, rows, buf[0:1]
-
-
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, fmt: str, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Packed codes (R, K/2) + scales (R, K/G) -> exact values code * block scale (R, K) (no global scale)."""
     f = Format.parse(fmt)
@@ -454,7 +443,7 @@ def fp4_gemm(
     f = Format.parse(fmt)
     m, n, k = a_codes.shape[0], w_codes.shape[0], 2 * a_codes.shape[1]
     if m <= FP4_GEMM_TRITON_MAX_M and f is Format.MXFP4:
-        cfg = linear_tiles(m, n, k, f, _sm_count(a_codes.device), block_k=128, fused_act=True)
+        cfg = linear_tiles(m, n, k, f, sm_count(a_codes.device), block_k=128, fused_act=True)
         return _fp4_linear(None, a_codes.contiguous(), a_scales.contiguous(), None, a_global_scale,
                            w_codes.contiguous(), w_scales.contiguous(), w_global_scale, bias, f, out_dtype, cfg)
     a = dequantize_codes(a_codes, a_scales, fmt)
@@ -481,7 +470,9 @@ def _cuda_decode_reason(x: torch.Tensor, n: int, f: Format) -> str | None:
     return None if ok else why
 
 
-def _decode_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, out_dtype, tiles=None):
+def decode_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, out_dtype, tiles=None):
+    """The decode route on x (M, K) -> (M, N) in ``out_dtype``; ``tiles`` (from :func:`linear_tiles`) pins the
+    Triton tile config (benchmarks, sweeps) and skips the CUDA decode kernels. Arguments are checked by the op."""
     m, k = x.shape
     n = w_codes.shape[0]
     if tiles is None and x.device.type == "cuda":
@@ -492,7 +483,7 @@ def _decode_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format,
             return cuda_decode.linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f.value)
         _note_decode_fallback(why)
     x, transform = x.contiguous(), transform.contiguous()
-    cfg = tiles or linear_tiles(m, n, k, f, _sm_count(x.device))
+    cfg = tiles or linear_tiles(m, n, k, f, sm_count(x.device))
     if cfg.fused_act:
         if f is not Format.MXFP4:
             raise ValueError("the fused-prologue decode kernel runs MXFP4 only; use the two-launch decode for nvfp4")
@@ -553,10 +544,10 @@ def quantize_act_f16(x: torch.Tensor, transform: torch.Tensor, act_global_scale,
 
 def _gemv_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, out_dtype, cfg: LinearTiles):
     a_sa = quantize_act_f16(x, transform, a_gs, f.value, cfg.block_k)
-    return _gemv_only(a_sa, w_codes, w_scales, w_gs, a_gs, f, cfg, bias, out_dtype)
+    return decode_gemm(a_sa, w_codes, w_scales, w_gs, a_gs, f, cfg, bias, out_dtype)
 
 
-def _gemv_only(a_sa, w_codes, w_scales, w_gs, a_gs, f: Format, cfg: LinearTiles, bias=None, out_dtype=torch.bfloat16):
+def decode_gemm(a_sa, w_codes, w_scales, w_gs, a_gs, f: Format, cfg: LinearTiles, bias=None, out_dtype=torch.bfloat16):
     """The decode GEMM on an operand from :func:`quantize_act_f16` (same ``cfg.block_k``)."""
     _, _gemm = _mods()
     a, sa = a_sa
@@ -657,7 +648,7 @@ def linear_group(
     m, k = x.shape
     if x.device.type == "cuda" and any(_cuda_decode_reason(x, c.shape[0], f) is None for c in codes):
         return None
-    sms = _sm_count(x.device)
+    sms = sm_count(x.device)
     cfgs = [linear_tiles(m, c.shape[0], k, f, sms) for c in codes]
     if len({c.block_k for c in cfgs}) != 1:  # one operand needs one K step: the smallest fits every member
         step = min(c.block_k for c in cfgs)
@@ -666,7 +657,7 @@ def linear_group(
         return None
     a_sa = quantize_act_f16(x.contiguous(), transform.contiguous(), a_global_scale, f.value, cfgs[0].block_k)
     return [
-        _gemv_only(a_sa, c.contiguous(), s.contiguous(), g, a_global_scale, f, cfg, b, x.dtype)
+        decode_gemm(a_sa, c.contiguous(), s.contiguous(), g, a_global_scale, f, cfg, b, x.dtype)
         for c, s, g, b, cfg in zip(codes, scales, w_global_scales, biases, cfgs)
     ]
 
@@ -695,7 +686,7 @@ def linear(
     if x2.shape[0] == 0:
         return x.new_empty((*lead, n))
     if choice is KernelChoice.TRITON_DECODE:
-        y = _decode_linear(x2, w_codes, w_scales, transform, w_global_scale, a_global_scale, bias, f, out_dtype)
+        y = decode_linear(x2, w_codes, w_scales, transform, w_global_scale, a_global_scale, bias, f, out_dtype)
     elif choice is KernelChoice.TRITON_FP8:
         if f is not Format.MXFP4:
             raise ValueError(
