@@ -175,8 +175,9 @@ def _load_worker(rank, mesh, path):
 
 
 def test_checkpoint_loads_straight_into_shards(tmp_path):
-    import wush_compile  # noqa: F401  (save_pretrained writes the wush checkpoint)
+    from wush_compile import hf
 
     full = calibrate_llama(tiny_llama(), "nvfp4", "wush")
+    hf.attach(full)  # layers assembled by hand: mark the model so save_pretrained writes a wush checkpoint
     full.save_pretrained(tmp_path)
     _spawn(_load_worker, str(tmp_path))

@@ -115,7 +115,10 @@ def test_key_is_refreshed_by_assignment_load_and_conversion(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
+    from wush_compile import hf
+
     b = _model("wush")
+    hf.attach(b)  # layers assembled by hand (what calibrate() does itself)
     b.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     for name, m in b.named_modules():

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import weakref
 
 import torch
 
-from .. import formats
+from .. import formats, settings
 
 __all__ = ["Fp8Tiles", "tiles_for", "weight_row_exponents", "quantize_act_fp8", "gemm", "linear",
            "fallback_stats", "W_SPREAD_MAX", "A_SPREAD_MAX", "to_natural_order"]
@@ -42,7 +41,7 @@ def _k():
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return settings.triton_interpret()
 
 
 @dataclasses.dataclass(frozen=True)
