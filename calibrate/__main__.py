@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.INFO if args.verbose <= 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    from wush_compile.errors import run_command
+
+    return run_command(lambda: args.func(args), args.command, args.verbose)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import re
-import sys
 import time
 
 import torch
@@ -146,6 +145,9 @@ def run_quantize(s: QuantizeSettings) -> dict:
         )
     if s.out:
         check_out_dir(s.out, s.model, s.overwrite)  # before any work
+    for flag, path in (("--calib-text", s.calib_text), ("--eval-text", s.eval_text)):
+        if path and not os.path.isfile(path):  # before the model load
+            raise FileNotFoundError(f"{flag} {path!r} is not a file; pass a UTF-8 text file")
     configs = _configs(s)
     t0 = time.perf_counter()
     model, tokenizer = models.load_model(s.model, dtype=_DTYPES[s.dtype])
@@ -283,10 +285,6 @@ def _expand(value: str, enum_cls) -> tuple:
     return tuple(enum_cls) if value == "all" else (enum_cls.parse(value),)
 
 
-def _user_errors():
-    return (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError)
-
-
 def _cmd_quantize(args: argparse.Namespace) -> int:
     settings = QuantizeSettings(
         model=args.model,
@@ -309,20 +307,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         encoding=args.encoding,
         overwrite=args.overwrite,
     )
-    try:
-        run_quantize(settings)
-    except _user_errors() as exc:
-        print(f"wush quantize: error: {exc}", file=sys.stderr)
-        return 2
+    run_quantize(settings)  # user errors: one line, exit code 2 (wush_compile.cli.main)
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    try:
-        ppl = run_eval(args.model, args.eval_text, args.seqlen, args.eval_tokens, args.dtype)
-    except _user_errors() as exc:
-        print(f"wush eval: error: {exc}", file=sys.stderr)
-        return 2
+    ppl = run_eval(args.model, args.eval_text, args.seqlen, args.eval_tokens, args.dtype)
     print(f"perplexity {ppl:.4f} ({args.model or 'SmolLM2-135M-Instruct demo'}, seqlen {args.seqlen}, held-out text)")
     return 0
 
@@ -428,21 +418,18 @@ def run_eval_on(model_spec, eval_text, seqlen, eval_tokens, dtype="float32", *, 
 
 def _cmd_eval_tasks(args: argparse.Namespace) -> int:
     name = args.model or "SmolLM2-135M-Instruct demo"
-    try:
-        if args.tasks:
-            tasks = [t for t in args.tasks.split(",") if t]
-            model, tokenizer = load_for_eval(args.model, args.dtype, args.device, args.compile)
-            results = run_tasks(model, tokenizer, tasks, batch_size=args.batch_size,
-                                include_path=args.include_path, limit=args.limit)
-            for task, metrics in results.items():
-                shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-                print(f"{task}: {shown} ({name})")
-            return 0
-        ppl = run_eval_on(args.model, args.eval_text, args.seqlen, args.eval_tokens, args.dtype,
-                          device=args.device, batch_size=args.batch_size, compile_=args.compile)
-    except _user_errors() as exc:
-        print(f"wush eval: error: {exc}", file=sys.stderr)
-        return 2
+    # user errors: one line, exit code 2 (wush_compile.cli.main)
+    if args.tasks:
+        tasks = [t for t in args.tasks.split(",") if t]
+        model, tokenizer = load_for_eval(args.model, args.dtype, args.device, args.compile)
+        results = run_tasks(model, tokenizer, tasks, batch_size=args.batch_size,
+                            include_path=args.include_path, limit=args.limit)
+        for task, metrics in results.items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            print(f"{task}: {shown} ({name})")
+        return 0
+    ppl = run_eval_on(args.model, args.eval_text, args.seqlen, args.eval_tokens, args.dtype,
+                      device=args.device, batch_size=args.batch_size, compile_=args.compile)
     print(f"perplexity {ppl:.4f} ({name}, seqlen {args.seqlen}, held-out text)")
     return 0
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from wush_compile import formats, transforms
 from wush_compile.config import NVFP4_FIXED_GLOBAL_SCALE, ActScale, Format, Method, WushConfig
+from wush_compile.errors import WushUserError
 from wush_compile.modules import WushLinear
 
 from .gptq import gptq_quantize, gptq_quantize_group
@@ -56,9 +57,33 @@ def _check_hessian(hessian: torch.Tensor | None, k: int, what: str) -> None:
     if tuple(hessian.shape) != (k, k):
         raise ValueError(f"{what}: hessian must be (K, K) = ({k}, {k}), got {tuple(hessian.shape)}")
     if not bool(torch.isfinite(hessian).all()):
-        raise ValueError(
-            f"{what}: hessian contains NaN or Inf; the calibration activations of this layer are not finite"
+        bad = int((~torch.isfinite(hessian)).sum())
+        raise WushUserError(
+            f"{what}: hessian contains NaN or Inf ({bad} of {k * k} entries); the calibration activations of this "
+            "layer are not finite: check the model weights and the calibration inputs for NaN/Inf (e.g. float16 "
+            "overflow: calibrate in float32)"
         )
+
+
+#: The fix of an unusable (not positive semi-definite) Hessian, in every message about one.
+_HESSIAN_FIX = (
+    "use more calibration tokens (nsamples x seqlen at least K), a larger damp (WushConfig(damp=...), now "
+    "{damp:g}), or check the inputs for NaN/Inf"
+)
+
+
+def _hessian_error(hessian: torch.Tensor, config: WushConfig, what: str, exc: Exception) -> WushUserError | None:
+    """When quantization failed on an input Hessian that is not positive semi-definite (a Hessian X^T X / n of
+    real activations always is), the error naming the layer, the eigenvalues and the fix; None otherwise."""
+    h = hessian.detach().to(torch.float64)
+    lam = torch.linalg.eigvalsh((h + h.T) / 2)  # only on failure: costs nothing when quantization works
+    top = float(lam.abs().max())
+    if float(lam.min()) >= -1e-6 * max(top, 1e-30):
+        return None
+    return WushUserError(
+        f"{what}: the input Hessian is not positive semi-definite (eigenvalues from {float(lam.min()):.3g} to "
+        f"{float(lam.max()):.3g}), so no invertible transform exists ({exc}); " + _HESSIAN_FIX.format(damp=config.damp)
+    )
 
 
 def quantize_weight(
@@ -82,11 +107,17 @@ def quantize_weight(
     _check_hessian(hessian, k, what)
     dtype = weight.dtype if dtype is None else dtype
     seed = layer_seed(config, name)
-    if config.method is Method.RTN:
-        return rtn_quantize(weight, hessian, config, dtype=dtype, seed=seed)
-    return gptq_quantize(
-        weight, hessian, config, dtype=dtype, seed=seed, name=name, inverse_cholesky=inverse_cholesky
-    )
+    try:
+        if config.method is Method.RTN:
+            return rtn_quantize(weight, hessian, config, dtype=dtype, seed=seed)
+        return gptq_quantize(
+            weight, hessian, config, dtype=dtype, seed=seed, name=name, inverse_cholesky=inverse_cholesky
+        )
+    except RuntimeError as exc:
+        err = None if hessian is None else _hessian_error(hessian, config, what, exc)
+        if err is None:
+            raise
+        raise err from exc
 
 
 def quantize_weights(
@@ -107,12 +138,19 @@ def quantize_weights(
         what = f"layer {nm}" if nm else "quantize_weights"
         _check_weight(wt, what)
         formats.check_group_divisible(wt.shape[1], config.format, what=f"{what} in_features")
-    _check_hessian(hessian, k, f"layers {', '.join(n or '?' for n in names)}")
+    what = f"layers {', '.join(n or '?' for n in names)}"
+    _check_hessian(hessian, k, what)
     dtype = weights[0].dtype if dtype is None else dtype
     seeds = [layer_seed(config, nm) for nm in names]
-    if config.method is Method.RTN:
-        return [rtn_quantize(wt, hessian, config, dtype=dtype, seed=sd) for wt, sd in zip(weights, seeds)]
-    return gptq_quantize_group(weights, hessian, config, dtype=dtype, seeds=seeds, names=names)
+    try:
+        if config.method is Method.RTN:
+            return [rtn_quantize(wt, hessian, config, dtype=dtype, seed=sd) for wt, sd in zip(weights, seeds)]
+        return gptq_quantize_group(weights, hessian, config, dtype=dtype, seeds=seeds, names=names)
+    except RuntimeError as exc:
+        err = None if hessian is None else _hessian_error(hessian, config, what, exc)
+        if err is None:
+            raise
+        raise err from exc
 
 
 def initial_act_global_scale(config: WushConfig) -> float:

@@ -40,6 +40,20 @@ def demo_gguf_path() -> str:
     return path
 
 
+#: Files of which a checkpoint directory needs one for ``AutoTokenizer.from_pretrained``.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _check_tokenizer_files(path: str) -> None:
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        from wush_compile.errors import WushUserError
+
+        raise WushUserError(
+            f"{path!r} has no tokenizer files ({' / '.join(TOKENIZER_FILES)}); save the tokenizer with the model "
+            "(tokenizer.save_pretrained(DIR)) or copy those files from the model it was made from"
+        )
+
+
 def load_model(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
     """Load ``(model, tokenizer)`` in eval mode.
 
@@ -69,6 +83,7 @@ def load_model(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch
             raise FileNotFoundError(
                 f"{path!r} is not a Hugging Face checkpoint (no config.json); pass a model directory or a .gguf file"
             )
+        _check_tokenizer_files(path)  # before the (long) model load
         logger.info("loading %s (%s)", path, dtype)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)

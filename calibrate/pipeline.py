@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wush_compile.config import ActScale, Format, Method, WushConfig
+from wush_compile.errors import WushUserError
 from wush_compile.modules import WushLinear
 
 from . import capture
@@ -333,6 +334,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushCon
     params = list(model.parameters())
     if not params:
         raise ValueError("calibrate: the model has no parameters")
+    _check_no_meta(model)
     dtype = next((p.dtype for p in layers.parameters()), params[0].dtype)
     if dtype not in MODEL_DTYPES:
         raise TypeError(
@@ -379,6 +381,19 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushCon
     model.train(was_training)
     logger.info("%s", report.summary())
     return model
+
+
+def _check_no_meta(model: nn.Module) -> None:
+    """Weights on the meta device (no data: e.g. device_map offload) cannot be calibrated: say which, before the
+    first forward fails far from the cause."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            module = name.rpartition(".")[0] or name
+            raise WushUserError(
+                f"calibrate: {module} ({name}) is on the meta device (it holds no weights); load the model's weights "
+                "onto one real device before calibrating (from_pretrained without a device_map that offloads to "
+                "'meta' or disk, or model.to_empty() followed by loading the state dict)"
+            )
 
 
 def _check_not_calibrated_and_skips(layers: nn.Module, arch, config: WushConfig) -> None:

@@ -4,7 +4,9 @@ Each subcommand lives with the code it drives and plugs in through a ``register(
 adds its parser and sets ``func`` (called with the parsed namespace, returns an exit code). Arguments are
 parsed here and in those functions only; library code never sees a namespace. This module adds what every
 subcommand shares: ``-v`` / ``-q`` (before or after the subcommand), the examples of ``--help``, and the one
-spelling of each flag (``--format``, ``--batch-size``; the old ``--fmt`` / ``--batch`` still parse).
+spelling of each flag (``--format``, ``--batch-size``; the old ``--fmt`` / ``--batch`` still parse), and the
+one handler of user errors (:func:`wush_compile.errors.run_command`): one line ``wush COMMAND: error: ...``
+on stderr and exit code 2, the traceback only with ``-v``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import importlib
 import logging
 import re
 import sys
+
+from .errors import run_command
 
 # subcommand -> module providing register(subparsers)
 _SUBCOMMANDS = {
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose or 0, args.quiet or 0)
-    return int(args.func(args) or 0)
+    return run_command(lambda: args.func(args), args.command, args.verbose or 0)
 
 
 if __name__ == "__main__":

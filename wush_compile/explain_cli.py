@@ -43,6 +43,8 @@ def load_checkpoint(path: Path, device: str = "cpu", dtype: str | None = None):
     import wush_compile  # noqa: F401  (registers quant_method "wush")
 
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"wush explain: {path} is not a directory; pass a checkpoint directory (model.save_pretrained output)")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"wush explain: {path} has no config.json; pass a model.save_pretrained() directory")

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from ..errors import WushUserError, run_command
+
 logger = logging.getLogger(__name__)
 
 
@@ -40,8 +42,13 @@ def register(subparsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if not (args.layers or args.e2e):
-        logger.error("wush bench: choose what to run: --layers and/or --e2e")
-        return 2
+        raise WushUserError("choose what to run: --layers and/or --e2e")
+    if args.layers:  # before any --e2e work
+        from . import layers
+
+        unknown = [name for name in (args.layer or []) if name not in layers.LAYERS]
+        if unknown:
+            raise WushUserError(f"unknown layer(s) {unknown}; choose from {sorted(layers.LAYERS)}")
     if args.e2e:
         from . import e2e
 
@@ -55,10 +62,6 @@ def _run(args: argparse.Namespace) -> int:
             return 0
     from . import layers
 
-    unknown = [name for name in (args.layer or []) if name not in layers.LAYERS]
-    if unknown:
-        logger.error("wush bench: unknown layer(s) %s; choose from %s", unknown, sorted(layers.LAYERS))
-        return 2
     layers.run(layers=args.layer, ms=tuple(args.m or layers.MS), fmts=tuple(args.fmt or layers.FORMATS),
                out_dir=args.out, do_sweep=args.sweep)
     return 0
@@ -69,4 +72,5 @@ def script_main(flag: str, description: str, argv: list[str] | None = None) -> i
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=description)
     register(parser.add_subparsers(dest="command"))
-    return _run(parser.parse_args(["bench", flag, *(sys.argv[1:] if argv is None else argv)]))
+    args = parser.parse_args(["bench", flag, *(sys.argv[1:] if argv is None else argv)])
+    return run_command(lambda: _run(args), "bench")
