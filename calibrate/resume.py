@@ -133,6 +133,13 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
+def _save_synced(obj, path: str) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the manifest names it
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -264,10 +271,10 @@ class CalibrationCheckpoint:
             "layers": [dataclasses.asdict(r) for r in layer_records],
             "skipped": [list(s) for s in skipped],
         }
-        _atomic_write(self._path(f"block-{i:05d}.pt"), lambda p: torch.save(payload, p))
+        _atomic_write(self._path(f"block-{i:05d}.pt"), lambda p: _save_synced(payload, p))
         if not last:
             cpu_hidden = [h.detach().cpu() for h in hidden]
-            _atomic_write(self._path(f"hidden-{i:05d}.pt"), lambda p: torch.save(cpu_hidden, p))
+            _atomic_write(self._path(f"hidden-{i:05d}.pt"), lambda p: _save_synced(cpu_hidden, p))
         manifest = {
             "layout": LAYOUT_VERSION,
             "fingerprint": self.fingerprint,

@@ -244,3 +244,34 @@ def test_cli_resume_flag_reaches_calibrate(tmp_path, monkeypatch):
             compare=False, resume=str(tmp_path / "r"),
         ))
     assert calls == [os.path.join(str(tmp_path / "r"), "mxfp4-gptq-wush")]
+
+
+def test_cli_resume_end_to_end_and_mismatch_is_a_clean_error(tmp_path, capsys):
+    """A real ``wush quantize --resume``: the checkpoint is written, a rerun restores it (same perplexity), and
+    a rerun with other settings exits 2 with one line naming the difference."""
+    from wush_compile.cli import main
+
+    from .test_cli import _byte_tokenizer
+
+    model_dir = tmp_path / "tiny"
+    tiny_model().save_pretrained(model_dir)
+    _byte_tokenizer().save_pretrained(model_dir)
+    calib, evals = calibrate.data.default_texts()
+    (tmp_path / "calib.txt").write_text(calib[:6000], encoding="utf-8")
+    (tmp_path / "eval.txt").write_text(evals[:3000], encoding="utf-8")
+    resume = tmp_path / "resume"
+    argv = ["quantize", "--model", str(model_dir), "--calib-text", str(tmp_path / "calib.txt"), "--eval-text",
+            str(tmp_path / "eval.txt"), "--seqlen", "64", "--eval-tokens", "256", "--no-compare", "--method", "gptq",
+            "--resume", str(resume)]
+    results = []
+    for _ in range(2):
+        assert main(argv + ["--nsamples", "4", "--json", str(tmp_path / "r.json")]) == 0
+        results.append(json.loads((tmp_path / "r.json").read_text())["results"][0]["ppl"])
+        manifest = json.loads((resume / "mxfp4-gptq-wush" / "manifest.json").read_text())
+        assert manifest["complete"] and manifest["last_finished_block"] == 1
+    assert results[0] == results[1]
+    capsys.readouterr()
+    assert main(argv + ["--nsamples", "2"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("wush quantize: error:")]
+    assert "Traceback" not in err and len(errors) == 1 and "config.nsamples: saved 4, now 2" in errors[0], err
