@@ -53,6 +53,7 @@ class QuantizeSettings:
     device: str | None = None  # calibrate (block by block) and evaluate there; None: the CPU
     encoding: str = "utf-8"
     overwrite: bool = False
+    resume: str | None = None  # checkpoint directory of resumable calibration (one subdirectory per configuration)
 
 
 DEFAULTS = QuantizeSettings()
@@ -174,7 +175,7 @@ def run_quantize(s: QuantizeSettings) -> dict:
         tag = f"{cfg.format.value}/{cfg.method.value}/{cfg.transform.value}"
         qmodel = copy.deepcopy(model)
         t = time.perf_counter()
-        cal.calibrate(qmodel, batches, cfg, device=s.device)
+        cal.calibrate(qmodel, batches, cfg, device=s.device, checkpoint_dir=resume_dir(s.resume, cfg))
         calib_s = time.perf_counter() - t
         report = cal.get_report(qmodel)
         reports.append(report)
@@ -306,6 +307,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         device=getattr(args, "device", None),
         encoding=args.encoding,
         overwrite=args.overwrite,
+        resume=args.resume,
     )
     run_quantize(settings)  # user errors: one line, exit code 2 (wush_compile.cli.main)
     return 0
@@ -441,6 +443,16 @@ def _add_reliability_flags(q) -> None:
     q.add_argument("--encoding", default="utf-8", help="encoding of --calib-text / --eval-text (default utf-8; "
                    "a file that does not decode is an error)")
     q.add_argument("--overwrite", action="store_true", help="let --out replace a previous wush checkpoint in DIR")
+    q.add_argument("--resume", metavar="DIR", default=None, help="save every calibrated block in DIR and, when DIR "
+                   "holds an interrupted run of the same model, data and settings, continue it (bit-identical "
+                   "result; one subdirectory per configuration; delete DIR after the checkpoint is saved)")
+
+
+def resume_dir(resume: str | None, cfg: WushConfig) -> str | None:
+    """The checkpoint directory of one configuration under ``--resume DIR`` (None without it)."""
+    if resume is None:
+        return None
+    return os.path.join(resume, f"{cfg.format.value}-{cfg.method.value}-{cfg.transform.value}")
 
 
 def check_out_dir(out: str, model: str | None, overwrite: bool) -> None:

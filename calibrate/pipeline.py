@@ -307,7 +307,9 @@ def _record_config(model: nn.Module, config: WushConfig) -> None:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushConfig, *, device=None) -> nn.Module:
+def calibrate(
+    model: nn.Module, batches: Iterable[torch.Tensor], config: WushConfig, *, device=None, checkpoint_dir=None
+) -> nn.Module:
     """Calibrate ``model`` in place into WUSH-transformed FP4 Linears (SPEC section 4) and return it.
 
     Args:
@@ -319,6 +321,11 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushCon
         device: where the blocks are calibrated (default: the model's device). When it is not the model's
             device, the model stays where it is and one decoder block at a time is moved to ``device``,
             calibrated and moved back (a model larger than the GPU calibrates on it block by block).
+        checkpoint_dir: a directory where every finished block is saved (its WushLinears and the next block's
+            inputs, :mod:`calibrate.resume`). When it holds the checkpoint of an interrupted run with the same
+            model, batches and config, the finished blocks are restored and calibration continues after them,
+            bit-identical to an uninterrupted run; a checkpoint of another run is refused. The directory is
+            left in place when the run completes (delete it once the model is saved).
 
     Every Linear of the decoder blocks listed in the architecture table becomes a :class:`WushLinear`
     except those in ``config.skip_layers`` and those whose in_features is not a multiple of G (reported).
@@ -366,9 +373,16 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], config: WushCon
     needs_capture = keep_chunks or config.method is Method.GPTQ or config.transform in DATA_AWARE_KINDS
     desc = f"calibrate {config.format.value}/{config.method.value}/{config.transform.value}"
     swapped: list[tuple[nn.Module, str, nn.Module]] = []  # (block, path, original Linear), to undo on error
+    ckpt = None
+    if checkpoint_dir is not None:
+        from .resume import CalibrationCheckpoint, fingerprint
+
+        fp = fingerprint(model, config, batch_list, masks, len(layers), dtype, device)
+        ckpt = CalibrationCheckpoint(checkpoint_dir, fp)
     try:
+        first = 0 if ckpt is None else ckpt.restore(layers, arch, report, inputs, swapped, home)
         _calibrate_blocks(layers, arch, config, report, inputs, keep_chunks, needs_capture, dtype, device, desc, swapped,
-                          home if onload else None)
+                          home if onload else None, first=first, ckpt=ckpt)
     except BaseException as exc:
         for block, path, original in reversed(swapped):  # the caller's model is left as it was
             _set_submodule(block, path, original.to(home) if onload else original)
@@ -436,10 +450,12 @@ def _warn_rank_deficient(layers: nn.Module, config: WushConfig, report: Calibrat
 
 
 def _calibrate_blocks(layers, arch, config, report, inputs, keep_chunks, needs_capture, dtype, device, desc, swapped,
-                      home=None):
-    """Every block in order; with ``home`` (block-by-block onload) each block is moved to ``device`` for its
-    calibration and back to ``home`` afterwards, also when it fails."""
-    for i in tqdm(range(len(layers)), desc=desc, unit="block"):
+                      home=None, first=0, ckpt=None):
+    """Every block from ``first`` on, in order; with ``home`` (block-by-block onload) each block is moved to
+    ``device`` for its calibration and back to ``home`` afterwards, also when it fails. With ``ckpt``
+    (a :class:`calibrate.resume.CalibrationCheckpoint`) each finished block is saved."""
+    for i in tqdm(range(first, len(layers)), desc=desc, unit="block", initial=first, total=len(layers)):
+        marks = (len(swapped), len(report.layers), len(report.skipped))
         if home is not None:
             _onload(layers[i], device)
         try:
@@ -450,6 +466,9 @@ def _calibrate_blocks(layers, arch, config, report, inputs, keep_chunks, needs_c
         finally:
             if home is not None:
                 _offload(layers[i], home)
+        if ckpt is not None:
+            ckpt.save_block(i, swapped[marks[0]:], report.layers[marks[1]:], report.skipped[marks[2]:], inputs.hidden,
+                            last=i == len(layers) - 1)
 
 
 def _calibrate_block(i, layers, arch, config, report, inputs, keep_chunks, needs_capture, dtype, device, swapped):
