@@ -101,7 +101,6 @@ def to_natural_order(q: torch.Tensor) -> torch.Tensor:
 
 
 _STATS: dict = {}
-_MX_GS: dict = {}
 _WLISTS: dict = {}
 
 
@@ -115,12 +114,9 @@ def _stats(device) -> torch.Tensor:
 
 
 def _mx_gs(device) -> torch.Tensor:
-    key = str(device)
-    t = _MX_GS.get(key)
-    if t is None:
-        t = torch.full((1,), formats.MXFP4_GLOBAL_SCALE, dtype=torch.float32, device=device)
-        _MX_GS[key] = t
-    return t
+    from .kernels import mx_global_scale  # one per-device 1/3 for every Triton route
+
+    return mx_global_scale(device)
 
 
 def fallback_stats(device=None, reset: bool = False) -> dict:

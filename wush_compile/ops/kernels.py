@@ -207,14 +207,17 @@ def _as_scalar_tensor(v, device) -> torch.Tensor:
 _MX_GLOBAL: dict = {}
 
 
-def _mx_global(device) -> torch.Tensor:
-    """MXFP4's fixed 1/3 as a (1,) device tensor, made once per device (read-only)."""
+def mx_global_scale(device) -> torch.Tensor:
+    """MXFP4's fixed 1/3 as a (1,) device tensor, made once per device (read-only; shared by the Triton routes)."""
     key = str(device)
     t = _MX_GLOBAL.get(key)
     if t is None:
         t = torch.full((1,), formats.MXFP4_GLOBAL_SCALE, dtype=torch.float32, device=device)
         _MX_GLOBAL[key] = t
     return t
+
+
+_mx_global = mx_global_scale
 
 
 def sm_count(device: torch.device) -> int:
