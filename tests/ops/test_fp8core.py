@@ -42,15 +42,16 @@ def test_weight_row_exponents_marks_wide_and_nan_rows():
     assert e.tolist() == [114, -1 - 114, -1 - 114, 124]
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("m", [5, 40])
-def test_quantize_act_fp8_matches_reference(m):
+def test_quantize_act_fp8_matches_reference(m, split):
     gen = torch.Generator().manual_seed(1)
     k = 256
     x = (torch.randn(m, k, generator=gen) * 2).to(DEV)
     x[1, 5] = float("nan")
     x[2, :G] = 0
     t = torch.linalg.qr(torch.randn(k // G, G, G, generator=gen))[0].contiguous().to(DEV)
-    q, rs, sc, state = fp8core.quantize_act_fp8(x, t)
+    q, rs, sc, state = fp8core.quantize_act_fp8(x, t, split=split)
     cr, sr = reference.transform_quantize_ref(x, t, None, "mxfp4")
     assert torch.equal(sc, sr)
     vals = formats.dequantize(cr, sr, torch.ones((), device=DEV), "mxfp4")  # code * 2**E
@@ -59,6 +60,27 @@ def test_quantize_act_fp8_matches_reference(m):
     assert not bool(ok[1]) and bool(ok[0])
     assert torch.equal(got[ok], vals[ok])
     assert int(state[0]) == 0
+
+
+def test_act_split_path_writes_the_same_bytes_as_one_kernel():
+    """Both activation paths: same e4m3 bytes, row scales, scale bytes and wide-row list (planted wide and
+    NaN rows, K not a multiple of the split path's K range)."""
+    gen = torch.Generator().manual_seed(11)
+    m, k = 37, 640
+    x = torch.randn(m, k, generator=gen) * 2
+    x[3, :G] *= 2.0**20  # spread > 14: wide
+    x[8, 100] = float("inf")
+    x = x.to(DEV)
+    t = torch.linalg.qr(torch.randn(k // G, G, G, generator=gen))[0].contiguous().to(DEV)
+    a = fp8core.quantize_act_fp8(x, t, split=False)
+    b = fp8core.quantize_act_fp8(x, t, split=True)
+    assert torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8))
+    assert torch.equal(a[1], b[1]) or torch.equal(torch.isnan(a[1]), torch.isnan(b[1])) and torch.equal(
+        a[1].nan_to_num(), b[1].nan_to_num())
+    assert torch.equal(a[2], b[2])
+    sa, sb = a[3].cpu(), b[3].cpu()
+    assert int(sa[0]) == int(sb[0]) == 1
+    assert torch.equal(sa[2 : 2 + m], sb[2 : 2 + m]) and int(sb[2 + m]) == 3
 
 
 def _check_linear(m, n, k, gen, dtype=torch.float32, bias=False, wide_w=(), wide_a=(), tiles=None, tol=1e-5):
@@ -96,6 +118,21 @@ def test_linear_matches_reference(dtype, bias):
     _check_linear(m, n, k, gen, dtype, bias)
 
 
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_linear_split_k_matches_reference(split_k):
+    gen = torch.Generator().manual_seed(5)
+    m, n, k = (19, 70, 512) if DEV == "cpu" else (40, 1000, 4096)
+    _check_linear(m, n, k, gen, bias=True, wide_w=(4,), wide_a=(2,),
+                  tiles=fp8core.Fp8Tiles(block_w=64, block_t=16 if DEV == "cpu" else 64, split_k=split_k))
+
+
+def test_tiles_reject_bad_values():
+    with pytest.raises(ValueError, match="block_t"):
+        fp8core.Fp8Tiles(block_t=48)
+    with pytest.raises(ValueError, match="split_k"):
+        fp8core.Fp8Tiles(split_k=0)
+
+
 def test_linear_fallback_rows_exact_and_nan():
     gen = torch.Generator().manual_seed(3)
     m, n, k = (21, 70, 256) if DEV == "cpu" else (200, 700, 2048)
@@ -119,14 +156,17 @@ def test_linear_gpu_large_k(m, use_asm):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.xfail(reason="PTX LUT expansion assumes 4 packed bytes share a group; wrong at 64x64 tiles (H100, 2026-12-07)", strict=False)
-def test_asm_expansion_equals_portable():
+@pytest.mark.parametrize("bw,bt,warps", [(64, 64, 4), (128, 64, 4), (64, 16, 4), (128, 128, 8), (128, 256, 8)])
+def test_asm_expansion_equals_portable(bw, bt, warps):
+    """The PTX expansion reads one offset byte per weight byte, so it equals the integer expansion at any
+    tile / layout (bit for bit: same e4m3 operands, same MMA)."""
     gen = torch.Generator().manual_seed(9)
-    m, n, k = 64, 512, 1024
+    m, n, k = 100, 512, 1024
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
     t = torch.linalg.qr(torch.randn(k // G, G, G, generator=gen))[0].contiguous().to(torch.bfloat16).to(DEV)
     codes, scales, w_gs = _layer(n, k, gen)
     wexp = fp8core.weight_row_exponents(scales, codes)
     ys = [fp8core.linear(x.float(), codes, scales, wexp, t.float(), w_gs, None,
-                         tiles=fp8core.Fp8Tiles(block_w=64, block_t=64, use_asm=a)) for a in (True, False)]
+                         tiles=fp8core.Fp8Tiles(block_w=bw, block_t=bt, num_warps=warps, use_asm=a))
+          for a in (True, False)]
     assert torch.equal(ys[0], ys[1])

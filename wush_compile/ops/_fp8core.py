@@ -139,30 +139,40 @@ def _act_quant_kernel(x_ptr, stride_xm, t_ptr, q_ptr, rs_ptr, sc_ptr, flag_ptr, 
     tl.atomic_add(stats_ptr + 1, tl.sum(rmask.to(tl.int32), axis=0))
 
 
-# 4 packed weight bytes + the group offset d -> 4 e4m3 of the low nibbles, 4 of the high nibbles.
-# LUT bytes {0, .5, 1, 1.5 | 2, 3, 4, 6} * 2**d as e4m3 bits (base + 8d, exponent field >= 1 for d >= -5),
-# selected with prmt by the 3 magnitude bits; the sign bit goes to bit 7.
+# 4 packed weight bytes + 4 biased group offsets d + 5 (one byte each, 0..11) -> 4 e4m3 of the low nibbles
+# and 4 of the high nibbles. Each output byte uses its own offset byte, so the result does not depend on how
+# Triton assigns elements to registers. LUT bytes {0, .5, 1, 1.5 | 2, 3, 4, 6} as e4m3 bits minus 8 * 5,
+# picked with prmt by the 3 magnitude bits; + 8 * (d + 5) per byte (no carry: <= 0x7C); code 0 masked to 0;
+# the sign bit goes to bit 7.
 _ASM_EXPAND = tl.constexpr("""{
-.reg .b32 d8, llo, lhi, x, y, sel, s;
+.reg .b32 d8, llo, lhi, mlo, mhi, x, y, sel, s, m, v;
+mov.b32 llo, 0x14100800;
+mov.b32 lhi, 0x24201C18;
+mov.b32 mlo, 0xFFFFFF00;
+mov.b32 mhi, 0xFFFFFFFF;
 shl.b32 d8, $3, 3;
-mad.lo.u32 llo, d8, 0x01010100, 0x3C383000;
-mad.lo.u32 lhi, d8, 0x01010101, 0x4C484440;
 and.b32 x, $2, 0x07070707;
 shr.b32 y, x, 4;
 or.b32 y, x, y;
 prmt.b32 sel, y, 0, 0x4420;
-prmt.b32 x, llo, lhi, sel;
+prmt.b32 v, llo, lhi, sel;
+prmt.b32 m, mlo, mhi, sel;
+add.u32 v, v, d8;
+and.b32 v, v, m;
 shl.b32 s, $2, 4;
 and.b32 s, s, 0x80808080;
-or.b32 $0, x, s;
+or.b32 $0, v, s;
 shr.b32 x, $2, 4;
 and.b32 x, x, 0x07070707;
 shr.b32 y, x, 4;
 or.b32 y, x, y;
 prmt.b32 sel, y, 0, 0x4420;
-prmt.b32 x, llo, lhi, sel;
+prmt.b32 v, llo, lhi, sel;
+prmt.b32 m, mlo, mhi, sel;
+add.u32 v, v, d8;
+and.b32 v, v, m;
 and.b32 s, $2, 0x80808080;
-or.b32 $1, x, s;
+or.b32 $1, v, s;
 }""")
 
 
@@ -176,9 +186,11 @@ def _nib_e4m3(n, d):
 
 @triton.jit
 def expand_weights(wb, d, USE_ASM: tl.constexpr):
-    """Packed bytes (uint8) and per-byte group offsets d (int32), same shape -> (low, high) e4m3 tensors."""
+    """Packed bytes (uint8) and group offsets d (int32, broadcastable to wb, -5 <= d <= 6) -> (low, high)
+    e4m3 tensors of wb's shape."""
     if USE_ASM:
-        lo, hi = tl.inline_asm_elementwise(_ASM_EXPAND, "=r,=r,r,r,r,r,r", [wb, d],
+        db = tl.broadcast_to((d + 5).to(tl.uint8), wb.shape)
+        lo, hi = tl.inline_asm_elementwise(_ASM_EXPAND, "=r,=r,r,r", [wb, db],
                                            dtype=(tl.float8e4nv, tl.float8e4nv), is_pure=True, pack=4)
     else:
         b = wb.to(tl.int32)
@@ -206,10 +218,14 @@ def _epilogue(acc, out_ptr, wn, wmask, tk, tmask, rs_w, rs_a, gscale, bias_ptr, 
 @triton.jit
 def _gemm_kernel(q_ptr, rs_a_ptr, w_ptr, ws_ptr, wexp_ptr, ga_ptr, gw_ptr, bias_ptr, out_ptr, M, N, K,
                  HAS_BIAS: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
-                 USE_ASM: tl.constexpr, IMP_ACC: tl.constexpr):
+                 USE_ASM: tl.constexpr, IMP_ACC: tl.constexpr, SPLIT: tl.constexpr):
     """Swap-AB fp8 GEMM: weight rows on the MMA's M side (expanded from FP4 in registers), tokens on its N
-    side (e4m3 from smem). out[tok, n] = acc * 2**ref_w[n] * rs_a[tok] * ga * gw (+ bias)."""
+    side (e4m3 from smem). out[tok, n] = acc * 2**ref_w[n] * rs_a[tok] * ga * gw (+ bias).
+
+    SPLIT > 1: program axis 1 takes one K range and writes its fp32 partial (scales applied, no bias) to
+    out_ptr + pid_k * M * N; :func:`_splitk_reduce_kernel` sums them in a fixed order."""
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     n_w = tl.cdiv(N, BW)
     n_t = tl.cdiv(M, BT)
     per_group = GROUP * n_t
@@ -225,23 +241,60 @@ def _gemm_kernel(q_ptr, rs_a_ptr, w_ptr, ws_ptr, wexp_ptr, ga_ptr, gw_ptr, bias_
     wn64 = wn.to(tl.int64)
     tk64 = tk.to(tl.int64)
     NB = K // 32
+    n_ch = K // 128
+    per = tl.cdiv(n_ch, SPLIT)
+    c_lo = pid_k * per
+    c_hi = tl.minimum(c_lo + per, n_ch)
     rexp = tl.load(wexp_ptr + wn, mask=wmask, other=0)
     rexp = tl.where(rexp < 0, -rexp - 1, rexp)  # fallback rows: their slot is overwritten later
+    g4 = tl.arange(0, 4)
+    c16 = tl.arange(0, 16)
     c2 = tl.arange(0, 64)
+    # one chunk of 128 columns = 4 groups of 16 packed bytes: (BW, 4, 16), group offsets (BW, 4, 1)
+    w_rows = w_ptr + wn64[:, None, None] * (K // 2) + (g4 * 16)[None, :, None] + c16[None, None, :]
+    s_rows = ws_ptr + wn64[:, None] * NB + g4[None, :]
+    q_rows = q_ptr + tk64[:, None] * K + c2[None, :]
     acc = tl.zeros((BW, BT), tl.float32)
-    for k0 in range(0, K, 128):
-        wb = tl.load(w_ptr + wn64[:, None] * (K // 2) + (k0 // 2 + c2)[None, :], mask=wmask[:, None], other=0)
-        sb = tl.load(ws_ptr + wn64[:, None] * NB + (k0 // 32 + c2 // 16)[None, :], mask=wmask[:, None], other=0)
-        d = sb.to(tl.int32) - rexp[:, None]
+    for ci in range(c_lo, c_hi):
+        k0 = ci * 128
+        wb = tl.load(w_rows + k0 // 2, mask=wmask[:, None, None], other=0)
+        sb = tl.load(s_rows + k0 // 32, mask=wmask[:, None], other=0)
+        d = (sb.to(tl.int32) - rexp[:, None])[:, :, None]
         lo, hi = expand_weights(wb, d, USE_ASM)
-        xe = tl.load(q_ptr + tk64[:, None] * K + (k0 + c2)[None, :], mask=tmask[:, None], other=0.0)
-        xo = tl.load(q_ptr + tk64[:, None] * K + (k0 + 64 + c2)[None, :], mask=tmask[:, None], other=0.0)
+        lo = tl.reshape(lo, (BW, 64))
+        hi = tl.reshape(hi, (BW, 64))
+        xe = tl.load(q_rows + k0, mask=tmask[:, None], other=0.0)
+        xo = tl.load(q_rows + (k0 + 64), mask=tmask[:, None], other=0.0)
         acc = tl.dot(lo, tl.trans(xe), acc, max_num_imprecise_acc=IMP_ACC)
         acc = tl.dot(hi, tl.trans(xo), acc, max_num_imprecise_acc=IMP_ACC)
     rs_w = _pow2(tl.maximum(rexp - 127, -149))
     rs_a = tl.load(rs_a_ptr + tk, mask=tmask, other=0.0)
     gscale = tl.load(ga_ptr) * tl.load(gw_ptr)
-    _epilogue(acc, out_ptr, wn, wmask, tk, tmask, rs_w, rs_a, gscale, bias_ptr, N, HAS_BIAS)
+    if SPLIT == 1:
+        _epilogue(acc, out_ptr, wn, wmask, tk, tmask, rs_w, rs_a, gscale, bias_ptr, N, HAS_BIAS)
+    else:
+        part = out_ptr + pid_k.to(tl.int64) * M * N
+        _epilogue(acc, part, wn, wmask, tk, tmask, rs_w, rs_a, gscale, bias_ptr, N, False)
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """out = sum over the SPLIT fp32 partials in order (+ bias), rounded like the GEMM's epilogue."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < M * N
+    y = tl.zeros((BLOCK,), tl.float32)
+    for s in range(SPLIT):
+        y += tl.load(part_ptr + s * M * N + i, mask=mask, other=0.0)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + i % N, mask=mask, other=0.0).to(tl.float32)
+    if out_ptr.dtype.element_ty == tl.float32:
+        yo = y
+    elif out_ptr.dtype.element_ty == tl.bfloat16:
+        yo = _bf16_rne(y)
+    else:
+        yo = y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(out_ptr + i, yo, mask=mask)
 
 
 @triton.jit
@@ -278,11 +331,14 @@ def _fallback_tile(q_ptr, rs_a_ptr, asc_ptr, aflag_ptr, w_ptr, ws_ptr, tk, tmask
 
 @triton.jit
 def _fallback_kernel(q_ptr, rs_a_ptr, asc_ptr, aflag_ptr, alist_ptr, count_ptr, w_ptr, ws_ptr, wlist_ptr, n_wlist,
-                     ga_ptr, gw_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr,
+                     stats_ptr, ga_ptr, gw_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr,
                      BW: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr):
     """Program p: listed token rows x weight tile p, then token tile p x listed weight rows. Returns at once
     when both lists are empty."""
     pid = tl.program_id(0)
+    if pid == 0:
+        tl.atomic_add(stats_ptr + 2, n_wlist)
+        tl.atomic_add(stats_ptr + 3, N)
     gscale = tl.load(ga_ptr) * tl.load(gw_ptr)
     one_w = tl.full((BW,), 1.0, tl.float32)
     one_t = tl.full((BT,), 1.0, tl.float32)
@@ -307,3 +363,93 @@ def _fallback_kernel(q_ptr, rs_a_ptr, asc_ptr, aflag_ptr, alist_ptr, count_ptr, 
         acc = _fallback_tile(q_ptr, rs_a_ptr, asc_ptr, aflag_ptr, w_ptr, ws_ptr, tk2, tmask2, wn2, wmask2, K,
                              BW, BT, USE_ASM)
         _epilogue(acc, out_ptr, wn2, wmask2, tk2, tmask2, one_w, one_t, gscale, bias_ptr, N, HAS_BIAS)
+
+
+@triton.jit
+def _act_codes_kernel(x_ptr, stride_xm, t_ptr, q_ptr, sc_ptr, rowst_ptr, M, K, BM: tl.constexpr, G: tl.constexpr,
+                      CPP: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """Split activation path, step 1 (grid: row blocks x K ranges of CPP chunks): transform + MXFP4 quantize,
+    writes the scale bytes and the bare signed e2m1 values as e4m3 (layout above), and merges the row's
+    group-exponent max / min and bad-group count into rowst (M, 3) int32 (zero-initialised) with atomics:
+    [emax + 128, 128 - emin, nbad]."""
+    NGC: tl.constexpr = CHUNK // G
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    emax = tl.full((BM,), -127, tl.int32)
+    emin = tl.full((BM,), 127, tl.int32)
+    nbad = tl.zeros((BM,), tl.int32)
+    c2 = tl.arange(0, CHUNK // 2)
+    gi = tl.arange(0, NGC)
+    for j in range(CPP):
+        k0 = (pid_k * CPP + j) * CHUNK
+        if k0 < K:
+            xt, bad_in = _transform_chunk(x_ptr, stride_xm, rows, rmask, t_ptr, k0, K, G, DOT_IEEE)
+            x3 = tl.reshape(xt, (BM, NGC, G))
+            ab = tl.max(x3.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2)
+            gvalid = (k0 + gi * G) < K
+            bad = ((ab >= 0x7F800000) | (bad_in != 0)) & gvalid[None, :]
+            e = (ab >> 23) - 127
+            ok = (ab > 0) & (~bad) & gvalid[None, :]
+            emax = tl.maximum(emax, tl.max(tl.where(ok, e, -127), axis=1))
+            emin = tl.minimum(emin, tl.min(tl.where(ok, e, 127), axis=1))
+            nbad += tl.sum(bad.to(tl.int32), axis=1)
+            v = (x3 * _pow2(-e)[:, :, None]) * 3.0
+            v = tl.where(bad[:, :, None], 0.0, v)
+            mag = _round_e2m1(v)
+            sgn = v.to(tl.int32, bitcast=True) & -2147483648
+            val = (mag.to(tl.int32, bitcast=True) | sgn).to(tl.float32, bitcast=True)
+            q = tl.reshape(val, (BM, CHUNK)).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+            ev, od = tl.split(tl.reshape(q, (BM, CHUNK // 2, 2)))
+            base = q_ptr + rows64[:, None] * K + k0
+            m2 = rmask[:, None] & ((k0 + 2 * c2) < K)[None, :]
+            tl.store(base + c2[None, :], ev, mask=m2)
+            tl.store(base + CHUNK // 2 + c2[None, :], od, mask=m2)
+            sb = tl.where(bad, 255, e + 127)
+            tl.store(sc_ptr + rows64[:, None] * (K // G) + (k0 // G + gi)[None, :], sb.to(tl.uint8),
+                     mask=rmask[:, None] & gvalid[None, :])
+    tl.atomic_max(rowst_ptr + rows * 3, emax + 128, mask=rmask)
+    tl.atomic_max(rowst_ptr + rows * 3 + 1, 128 - emin, mask=rmask)
+    tl.atomic_add(rowst_ptr + rows * 3 + 2, nbad, mask=rmask)
+
+
+@triton.jit
+def _act_fold_kernel(q_ptr, sc_ptr, rowst_ptr, rs_ptr, flag_ptr, list_ptr, count_ptr, stats_ptr, M, K,
+                     BM: tl.constexpr, BK: tl.constexpr, G: tl.constexpr):
+    """Split activation path, step 2 (grid: row blocks x column blocks of BK): fold each bare e4m3 value by
+    2**(E_group - ref) in place (exact: fp32 multiply, e4m3 RNE of a representable value); the column block 0
+    programs write the row scales, the wide-row flags and list, and the counters."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    emax = tl.load(rowst_ptr + rows * 3, mask=rmask, other=1) - 128
+    emin = 128 - tl.load(rowst_ptr + rows * 3 + 1, mask=rmask, other=1)
+    nbad = tl.load(rowst_ptr + rows * 3 + 2, mask=rmask, other=0)
+    ref = emax - 6
+    wide = ((emax - emin) > (6 - A_DMIN)) & rmask & (nbad == 0)
+    cols = pid_k * BK + tl.arange(0, BK)
+    cmask = cols < K
+    p = cols % CHUNK
+    grp = cols // CHUNK * (CHUNK // G) + (p % (CHUNK // 2)) // (G // 2)  # group of the column held at p
+    mk = rmask[:, None] & cmask[None, :]
+    qp = q_ptr + rows64[:, None] * K + cols[None, :]
+    qv = tl.load(qp, mask=mk, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    sb = tl.load(sc_ptr + rows64[:, None] * (K // G) + grp[None, :], mask=mk, other=127).to(tl.int32)
+    dd = tl.where(wide[:, None], 0, tl.minimum(tl.maximum(sb - 127 - ref[:, None], -30), 6))
+    val = qv * _pow2(dd)
+    tl.store(qp, val.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=mk)
+    if pid_k == 0:
+        rs = tl.where(nbad > 0, float("nan"), _pow2(tl.maximum(ref, -149)))
+        tl.store(rs_ptr + rows, rs, mask=rmask)
+        tl.store(flag_ptr + rows, wide.to(tl.int32), mask=rmask)
+        n_new = tl.sum(wide.to(tl.int32), axis=0)
+        if n_new > 0:
+            base_i = tl.atomic_add(count_ptr, n_new)
+            slot = base_i + tl.cumsum(wide.to(tl.int32), axis=0) - 1
+            tl.store(list_ptr + slot, rows, mask=wide)
+            tl.atomic_add(stats_ptr, n_new)
+        tl.atomic_add(stats_ptr + 1, tl.sum(rmask.to(tl.int32), axis=0))

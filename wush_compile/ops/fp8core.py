@@ -24,7 +24,7 @@ import torch
 from .. import formats, settings
 
 __all__ = ["Fp8Tiles", "tiles_for", "weight_row_exponents", "quantize_act_fp8", "gemm", "linear",
-           "fallback_stats", "W_SPREAD_MAX", "A_SPREAD_MAX", "to_natural_order"]
+           "fallback_stats", "act_split_for", "W_SPREAD_MAX", "A_SPREAD_MAX", "to_natural_order"]
 
 #: Widest exponent spread (max - min group exponent) per row that folds: weights (integer expansion keeps
 #: e4m3 normal, d >= -5) and activations (fp32 -> e4m3 cast, subnormals included, d >= -8).
@@ -47,15 +47,25 @@ def _interpreting() -> bool:
 @dataclasses.dataclass(frozen=True)
 class Fp8Tiles:
     """GEMM tiles: weight rows per program (MMA M), tokens per program (MMA N), grouped order, warps,
-    pipeline stages, the PTX expansion, and K per imprecise wgmma accumulation before fp32 promotion."""
+    pipeline stages, the PTX expansion (else integer ops), K per imprecise wgmma accumulation before fp32
+    promotion, and the number of K ranges (split-K, fp32 partials summed in a fixed order)."""
+
+    def __post_init__(self):
+        for name in ("block_w", "block_t"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"Fp8Tiles.{name} must be a power of two >= 16, got {v}")
+        if self.split_k < 1:
+            raise ValueError(f"Fp8Tiles.split_k must be >= 1, got {self.split_k}")
 
     block_w: int = 128
     block_t: int = 64
     group: int = 8
     num_warps: int = 4
     num_stages: int = 3
-    use_asm: bool = False  # the PTX LUT variant gave wrong results at some tiles (GPU, 2026-12-07)
+    use_asm: bool = True
     imprecise_acc: int = 32
+    split_k: int = 1
 
 
 def tiles_for(m: int, n: int, k: int) -> Fp8Tiles:
@@ -158,8 +168,19 @@ def _check(x, transform):
         raise ValueError(f"transform must be {(k // 32, 32, 32)} for K={k} (mxfp4), got {tuple(transform.shape)}")
 
 
-def quantize_act_fp8(x: torch.Tensor, transform: torch.Tensor, block_m: int | None = None):
-    """Transform + MXFP4 quantize + row fold of x (M, K) in one kernel.
+def act_split_for(m: int, k: int) -> bool:
+    """Pure heuristic: the split activation path (two kernels, grid over rows x K) when the one-kernel path
+    would run too few programs to fill the GPU."""
+    return triton_cdiv(m, 16 if m <= 256 else 32) < 132
+
+
+def quantize_act_fp8(x: torch.Tensor, transform: torch.Tensor, block_m: int | None = None,
+                     split: bool | None = None):
+    """Transform + MXFP4 quantize + row fold of x (M, K).
+
+    ``split=False``: one kernel, BM rows per program, two passes over K (the second recomputes the
+    transform). ``split=True``: two kernels over a (rows x K chunks) grid - codes and per-row exponent
+    range first (atomics), the fold second - for small M. Both write the same bytes. None: heuristic.
 
     Returns (q (M, K) float8_e4m3fn in chunk order, row_scale (M,) fp32 = 2**ref (NaN for rows holding
     NaN/Inf), scales (M, K/32) uint8 (bit-identical to the reference's), state (2 + 2M,) int32:
@@ -172,12 +193,32 @@ def quantize_act_fp8(x: torch.Tensor, transform: torch.Tensor, block_m: int | No
     q = torch.empty((m, kk), dtype=torch.uint8, device=x.device)
     rs = torch.empty((m,), dtype=torch.float32, device=x.device)
     sc = torch.empty((m, kk // 32), dtype=torch.uint8, device=x.device)
-    state = torch.zeros(2 + 2 * m, dtype=torch.int32, device=x.device)
-    bm = block_m or (16 if m <= 256 else 32)
+    if split is None:
+        split = act_split_for(m, kk)
     ieee = _interpreting() or not (x.dtype == t.dtype and x.dtype in (torch.bfloat16, torch.float16))
-    k._act_quant_kernel[(triton_cdiv(m, bm),)](
-        x, x.stride(0), t, q, rs, sc, state[2 : 2 + m], state[2 + m :], state[0:1], _stats(x.device),
-        m, kk, BM=bm, G=32, DOT_IEEE=ieee, num_warps=4,
+    if not split:
+        state = torch.zeros(2 + 2 * m, dtype=torch.int32, device=x.device)
+        bm = block_m or (16 if m <= 256 else 32)
+        k._act_quant_kernel[(triton_cdiv(m, bm),)](
+            x, x.stride(0), t, q, rs, sc, state[2 : 2 + m], state[2 + m :], state[0:1], _stats(x.device),
+            m, kk, BM=bm, G=32, DOT_IEEE=ieee, num_warps=4,
+        )
+        return q.view(torch.float8_e4m3fn), rs, sc, state
+    # one zeroed buffer: [count, 0, flags (M), list (M), row stats (3M)]
+    buf = torch.zeros(2 + 5 * m, dtype=torch.int32, device=x.device)
+    state = buf[: 2 + 2 * m]
+    rowst = buf[2 + 2 * m :]
+    bm = block_m or 16
+    n_ch = kk // CHUNK
+    gm = triton_cdiv(m, bm)
+    cpp = max(1, min(n_ch, (gm * n_ch) // 264))
+    k._act_codes_kernel[(gm, triton_cdiv(n_ch, cpp))](
+        x, x.stride(0), t, q, sc, rowst, m, kk, BM=bm, G=32, CPP=cpp, DOT_IEEE=ieee, num_warps=4,
+    )
+    bk = 512
+    k._act_fold_kernel[(triton_cdiv(m, 16), triton_cdiv(kk, bk))](
+        q, sc, rowst, rs, state[2 : 2 + m], state[2 + m :], state[0:1], _stats(x.device), m, kk,
+        BM=16, BK=bk, G=32, num_warps=4,
     )
     return q.view(torch.float8_e4m3fn), rs, sc, state
 
@@ -202,20 +243,24 @@ def gemm(q, row_scale, a_scales, state, w_codes, w_scales, w_row_exp, w_global_s
     gw = torch.as_tensor(w_global_scale, dtype=torch.float32, device=q.device).reshape(1)
     bias_arg = bias if bias is not None else out
     qb = q.view(torch.float8_e4m3fn)
-    grid = (triton_cdiv(n, cfg.block_w) * triton_cdiv(m, cfg.block_t),)
+    split = max(1, min(cfg.split_k, kk // CHUNK))
+    grid = (triton_cdiv(n, cfg.block_w) * triton_cdiv(m, cfg.block_t), split)
+    dst = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=q.device)
     k._gemm_kernel[grid](
-        qb, row_scale, w_codes, w_scales, w_row_exp, ga, gw, bias_arg, out, m, n, kk,
+        qb, row_scale, w_codes, w_scales, w_row_exp, ga, gw, bias_arg, dst, m, n, kk,
         HAS_BIAS=bias is not None, BW=cfg.block_w, BT=cfg.block_t, GROUP=cfg.group, USE_ASM=use_asm,
-        IMP_ACC=cfg.imprecise_acc, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        IMP_ACC=cfg.imprecise_acc, SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if split > 1:
+        blk = 1024
+        k._splitk_reduce_kernel[(triton_cdiv(m * n, blk),)](
+            dst, bias_arg, out, m, n, SPLIT=split, HAS_BIAS=bias is not None, BLOCK=blk, num_warps=4,
+        )
     wlist, n_w = _weight_list(w_row_exp)
-    st = _stats(q.device)
-    st[2:3] += n_w
-    st[3:4] += n
     bw, bt = 64, 16
     k._fallback_kernel[(max(triton_cdiv(n, bw), triton_cdiv(m, bt)),)](
         qb, row_scale, a_scales, state[2 : 2 + m], state[2 + m :], state[0:1], w_codes, w_scales, wlist, n_w,
-        ga, gw, bias_arg, out, m, n, kk, HAS_BIAS=bias is not None, BW=bw, BT=bt, USE_ASM=use_asm, num_warps=4,
+        _stats(q.device), ga, gw, bias_arg, out, m, n, kk, HAS_BIAS=bias is not None, BW=bw, BT=bt, USE_ASM=use_asm, num_warps=4,
     )
     return out
 

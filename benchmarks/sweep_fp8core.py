@@ -1,0 +1,136 @@
+"""Tile / expansion / accumulation / split-K sweep of the fp8core MXFP4 W4A4 linear on the GPU, plus the
+activation kernels alone (both paths) against a copy of the same bytes. Every config is checked against the
+fp64 reference on the benchmark's own inputs before timing; each op is timed inside one CUDA graph walking
+several layer copies (working set above L2). Usage: python benchmarks/sweep_fp8core.py OUT_DIR [budget_s]"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_fp8core import DEV, LAYERS, make, time_graph  # noqa: E402
+
+from wush_compile import formats  # noqa: E402
+from wush_compile.ops import fp8core, reference  # noqa: E402
+
+T = fp8core.Fp8Tiles
+CFGS = {
+    16: [T(64, 16, split_k=1), T(64, 16, split_k=2), T(64, 16, split_k=4), T(128, 16, split_k=2),
+         T(64, 16, split_k=4, imprecise_acc=128), T(64, 16, split_k=4, use_asm=False)],
+    32: [T(64, 32, split_k=1), T(64, 32, split_k=2), T(64, 32, split_k=4), T(128, 32, split_k=2),
+         T(64, 32, split_k=4, imprecise_acc=128)],
+    128: [T(64, 128), T(128, 128), T(64, 128, split_k=2), T(128, 64), T(64, 64, split_k=2),
+          T(64, 128, imprecise_acc=128), T(64, 128, imprecise_acc=1 << 30), T(64, 128, use_asm=False)],
+    512: [T(128, 128), T(128, 128, num_warps=8), T(64, 128), T(128, 64), T(128, 128, imprecise_acc=128),
+          T(128, 256, num_warps=8, num_stages=3)],
+    2048: [T(128, 128), T(128, 128, num_warps=8), T(128, 256, num_warps=8, num_stages=3),
+           T(128, 128, imprecise_acc=128), T(128, 128, imprecise_acc=1 << 30), T(128, 128, use_asm=False)],
+    8192: [T(128, 128), T(128, 128, num_warps=8), T(128, 256, num_warps=8, num_stages=3),
+           T(128, 256, num_warps=8, num_stages=3, imprecise_acc=128), T(128, 128, imprecise_acc=128)],
+}
+
+
+def tag(c):
+    return (f"w{c.block_w}t{c.block_t}n{c.num_warps}s{c.num_stages}k{c.split_k}i{c.imprecise_acc}"
+            + ("a" if c.use_asm else "p"))
+
+
+def main(out: Path, budget: float):
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    print(info, flush=True)
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    ags = torch.tensor(formats.MXFP4_GLOBAL_SCALE, device=DEV)
+    rows, act_rows = [], []
+    ms = [int(v) for v in sys.argv[3].split(",")] if len(sys.argv) > 3 else list(CFGS)
+    # activation side alone
+    for k in (4096, 14336):
+        t = torch.linalg.qr(torch.randn(k // 32, 32, 32, generator=gen, device=DEV))[0].to(torch.bfloat16).contiguous()
+        for m in (16, 128, 512, 2048, 8192):
+            copies = max(2, min(8, math.ceil(120e6 / (m * k * 2))))
+            xs = [torch.randn(m, k, generator=gen, device=DEV).to(torch.bfloat16) for _ in range(copies)]
+            r = {"k": k, "m": m, "copy_us": time_graph(lambda i: xs[i].clone(), copies)}
+            ref = fp8core.quantize_act_fp8(xs[0], t, split=False)
+            for sp in (False, True):
+                got = fp8core.quantize_act_fp8(xs[0], t, split=sp)
+                same = torch.equal(got[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(got[2], ref[2])
+                r[f"split{int(sp)}_same"] = bool(same)
+                r[f"split{int(sp)}_us"] = time_graph(lambda i, sp=sp: fp8core.quantize_act_fp8(xs[i], t, split=sp), copies)
+            # bytes: x in (2 B) + e4m3 out (1 B) + scales (1/32 B); copy moves 2 B in + 2 B out
+            r["bw_frac_best"] = (r["copy_us"] * 3.03 / 4) / min(r["split0_us"], r["split1_us"])
+            act_rows.append(r)
+            print("act", r, flush=True)
+            del xs
+    (out / "sweep_act.json").write_text(json.dumps({**info, "rows": act_rows}, indent=1))
+    for name, (n, k) in LAYERS.items():
+        if name == "70b_down":
+            continue
+        copies = max(2, min(6, math.ceil(240e6 / (n * k * 2))))
+        Ls = [make(n, k, gen) for _ in range(copies)]
+        for m in ms:
+            if time.time() - t0 > budget:
+                print("time budget reached", flush=True)
+                break
+            x = torch.randn(m, k, generator=gen, device=DEV).to(torch.bfloat16)
+            L0 = Ls[0]
+            cm = min(m, 64)
+            a_c, a_s = reference.transform_quantize_ref(x[:cm], L0["t"], ags, "mxfp4")
+            one = torch.ones((), device=DEV)
+            aq = formats.dequantize(a_c, a_s, one, "mxfp4")
+            wq = formats.dequantize(L0["codes"], L0["scales"], one, "mxfp4")
+            gsc = ags.double() * L0["gs"].double()
+            ref = (aq.double() @ wq.double().t()) * gsc
+            torch.backends.cuda.matmul.allow_tf32 = False
+            ref32 = (aq.float() @ wq.float().t()).double() * gsc
+            rnorm = ref.norm(dim=1).clamp(min=1e-30)
+            err32 = float(((ref32 - ref).norm(dim=1) / rnorm).max())
+            row = {"layer": name, "n": n, "k": k, "m": m, "fp32_matmul_row_err": err32}
+            row["bf16"] = time_graph(lambda i: F.linear(x, Ls[i]["wb"]), copies)
+
+            def r_fp8q(i):
+                xf = x.float()
+                s = xf.abs().amax(1, keepdim=True).clamp(min=1e-12) / 448
+                return torch._scaled_mm((xf / s).to(torch.float8_e4m3fn), Ls[i]["w8"].t(), scale_a=s,
+                                        scale_b=Ls[i]["s8"], out_dtype=torch.bfloat16)
+            row["fp8_w8a8"] = time_graph(r_fp8q, copies)
+            q, rs, sc, st = fp8core.quantize_act_fp8(x, L0["t"])
+            for c in CFGS[m]:
+                tg = tag(c)
+                try:
+                    y = fp8core.gemm(q, rs, sc, st, L0["codes"], L0["scales"], L0["wexp"], L0["gs"], None, torch.float32, c)
+                    e = float(((y[:cm].double() - ref).norm(dim=1) / rnorm).max())
+                    row[tg + "_err"] = e
+                    if not e < 1e-3:
+                        print(name, m, tg, "CHECK FAILED", e, flush=True)
+                        continue
+                    row[tg] = time_graph(lambda i, c=c: fp8core.linear(x, Ls[i]["codes"], Ls[i]["scales"], Ls[i]["wexp"],
+                                                                        Ls[i]["t"], Ls[i]["gs"], None, tiles=c), copies)
+                    row[tg + "_gemm"] = time_graph(lambda i, c=c: fp8core.gemm(q, rs, sc, st, Ls[i]["codes"], Ls[i]["scales"],
+                                                                               Ls[i]["wexp"], Ls[i]["gs"], None, torch.bfloat16, c), copies)
+                except Exception as ex:  # noqa: BLE001
+                    row[tg + "_fail"] = repr(ex)[:300]
+                    print(name, m, tg, "FAILED", repr(ex)[:300], flush=True)
+            timed = {tag(c): row[tag(c)] for c in CFGS[m] if tag(c) in row}
+            best = min(timed, key=timed.get) if timed else None
+            row["best"] = best
+            rows.append(row)
+            print(f"{name:8s} M={m:5d} bf16 {row['bf16']:8.1f} w8a8 {row['fp8_w8a8']:8.1f} fp32err {err32:.1e} | "
+                  + " ".join(f"{tg} {v:.1f}/{row[tg + '_gemm']:.1f} e{row[tg + '_err']:.0e}" for tg, v in timed.items())
+                  + (f" | best {best} x bf16 {row['bf16'] / timed[best]:.2f} x w8a8 {row['fp8_w8a8'] / timed[best]:.2f}" if best else ""),
+                  flush=True)
+            (out / "sweep_fp8core.json").write_text(json.dumps({**info, "rows": rows}, indent=1))
+        del Ls
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 400)
