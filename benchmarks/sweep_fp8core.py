@@ -22,7 +22,7 @@ from wush_compile import formats  # noqa: E402
 from wush_compile.ops import fp8core, reference  # noqa: E402
 
 T = fp8core.Fp8Tiles
-CFGS = {
+CFGS_FULL = {
     16: [T(64, 16, split_k=1), T(64, 16, split_k=2), T(64, 16, split_k=4), T(128, 16, split_k=2),
          T(64, 16, split_k=4, imprecise_acc=128), T(64, 16, split_k=4, use_asm=False)],
     32: [T(64, 32, split_k=1), T(64, 32, split_k=2), T(64, 32, split_k=4), T(128, 32, split_k=2),
@@ -38,6 +38,77 @@ CFGS = {
 }
 
 
+CFGS = {
+    16: [T(64, 16, split_k=4), T(64, 16, split_k=4, imprecise_acc=128), T(64, 16, split_k=8),
+         T(64, 16, split_k=8, imprecise_acc=128)],
+    128: [T(64, 64, split_k=2), T(64, 64, split_k=2, imprecise_acc=128), T(64, 128, split_k=2, imprecise_acc=128),
+          T(128, 128, imprecise_acc=128), T(64, 128, num_stages=4, imprecise_acc=128)],
+    512: [T(64, 128), T(64, 128, imprecise_acc=128), T(128, 128, imprecise_acc=128),
+          T(128, 128, num_warps=8, imprecise_acc=128), T(256, 128, num_warps=8, imprecise_acc=128)],
+    2048: [T(128, 128), T(128, 128, imprecise_acc=128), T(128, 128, num_stages=4, imprecise_acc=128),
+           T(256, 128, num_warps=8, imprecise_acc=128), T(128, 128, num_warps=8, imprecise_acc=128),
+           T(128, 64, imprecise_acc=128)],
+    8192: [T(128, 128), T(128, 128, imprecise_acc=128), T(256, 128, num_warps=8, imprecise_acc=128),
+           T(128, 128, num_stages=4, imprecise_acc=128), T(128, 256, num_warps=8, imprecise_acc=128)],
+}
+
+
+def stress_precision(gen):
+    """Rows whose group exponents spread as wide as still folds (weights 11, activations 14 binades): the
+    accumulation modes against fp64 and against an fp32 matmul of the same dequantized operands."""
+    n, k, m = 512, 4096, 64
+    w = torch.randn(n, k, generator=gen, device=DEV)
+    w = w * torch.pow(2.0, torch.randint(-8, 1, (n, k // 32, 1), generator=gen, device=DEV).float()).repeat_interleave(32, 1).reshape(n, k)
+    codes, scales, gs = formats.quantize(w, "mxfp4")
+    wexp = fp8core.weight_row_exponents(scales, codes)
+    x = torch.randn(m, k, generator=gen, device=DEV)
+    x = x * torch.pow(2.0, torch.randint(-10, 1, (m, k // 32, 1), generator=gen, device=DEV).float()).repeat_interleave(32, 1).reshape(m, k)
+    t = torch.eye(32, device=DEV).expand(k // 32, 32, 32).contiguous()
+    ags = torch.tensor(formats.MXFP4_GLOBAL_SCALE, device=DEV)
+    a_c, a_s = reference.transform_quantize_ref(x, t, ags, "mxfp4")
+    one = torch.ones((), device=DEV)
+    aq = formats.dequantize(a_c, a_s, one, "mxfp4")
+    wq = formats.dequantize(codes, scales, one, "mxfp4")
+    gsc = ags.double() * gs.double()
+    ref = (aq.double() @ wq.double().t()) * gsc
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rn = ref.norm(dim=1)
+    out = {"fallback_w_rows": int((wexp < 0).sum()),
+           "fp32_matmul": float((((aq.float() @ wq.float().t()).double() * gsc - ref).norm(dim=1) / rn).max())}
+    q, rs, sc, st = fp8core.quantize_act_fp8(x, t)
+    out["fallback_a_rows"] = int(st[0])
+    for imp in (32, 64, 128):
+        y = fp8core.gemm(q, rs, sc, st, codes, scales, wexp, gs.float().reshape(()), None, torch.float32,
+                         T(64, 64, imprecise_acc=imp))
+        out[f"imp{imp}"] = float(((y.double() - ref).norm(dim=1) / rn).max())
+    return out
+
+
+def ptx_stats(out):
+    """Instruction counts of the compiled GEMM per config (wgmma, waits, shared loads/stores, prmt)."""
+    from wush_compile.ops import _fp8core as K
+    res = {}
+    for c in (T(128, 128), T(128, 128, imprecise_acc=128), T(64, 64, split_k=2)):
+        try:
+            m, n, k = 256, 1024, 1024
+            q = torch.zeros(m, k, dtype=torch.float8_e4m3fn, device=DEV)
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            L = make(n, k, torch.Generator(device=DEV).manual_seed(1))
+            qq, rs, sc, st = fp8core.quantize_act_fp8(x, L["t"])
+            fp8core.gemm(qq, rs, sc, st, L["codes"], L["scales"], L["wexp"], L["gs"], None, torch.bfloat16, c)
+            ker = list(K._gemm_kernel.device_caches[0][0].values())[-1]
+            ptx = ker.asm["ptx"]
+            (out / f"gemm_{tag(c)}.ptx").write_text(ptx)
+            (out / f"gemm_{tag(c)}.ttgir").write_text(ker.asm["ttgir"])
+            res[tag(c)] = {w: ptx.count(w) for w in ("wgmma.mma_async", "wgmma.wait_group", "ld.shared", "st.shared",
+                                                     "prmt", "cp.async", "cp.async.bulk", "bar.sync", "ld.global")}
+            res[tag(c)]["regs"] = getattr(ker, "n_regs", None)
+            res[tag(c)]["spills"] = getattr(ker, "n_spills", None)
+        except Exception as ex:  # noqa: BLE001
+            res[tag(c)] = repr(ex)[:300]
+    return res
+
+
 def tag(c):
     return (f"w{c.block_w}t{c.block_t}n{c.num_warps}s{c.num_stages}k{c.split_k}i{c.imprecise_acc}"
             + ("a" if c.use_asm else "p"))
@@ -51,9 +122,14 @@ def main(out: Path, budget: float):
     gen = torch.Generator(device=DEV).manual_seed(0)
     ags = torch.tensor(formats.MXFP4_GLOBAL_SCALE, device=DEV)
     rows, act_rows = [], []
-    ms = [int(v) for v in sys.argv[3].split(",")] if len(sys.argv) > 3 else list(CFGS)
+    ms = [int(v) for v in sys.argv[3].split(",")] if len(sys.argv) > 3 and sys.argv[3] != "--act" else list(CFGS)
+    st = stress_precision(gen)
+    print("stress precision (max row rel err vs fp64)", st, flush=True)
+    ps = ptx_stats(out)
+    print("ptx", json.dumps(ps), flush=True)
+    (out / "sweep_meta.json").write_text(json.dumps({**info, "stress": st, "ptx": ps}, indent=1))
     # activation side alone
-    for k in (4096, 14336):
+    for k in ((4096, 14336) if "--act" in sys.argv else ()):
         t = torch.linalg.qr(torch.randn(k // 32, 32, 32, generator=gen, device=DEV))[0].to(torch.bfloat16).contiguous()
         for m in (16, 128, 512, 2048, 8192):
             copies = max(2, min(8, math.ceil(120e6 / (m * k * 2))))

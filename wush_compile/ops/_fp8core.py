@@ -51,22 +51,16 @@ def _bf16_rne(y):
 
 
 @triton.jit
-def _transform_chunk(x_ptr, stride_xm, rows, rmask, t_ptr, k0, K, G: tl.constexpr, DOT_IEEE: tl.constexpr):
-    """x[rows, k0:k0+128] @ blockdiag(T_b^T) -> (BM, 128) fp32 (one 2-D dot, fp32 accumulation)."""
-    c = tl.arange(0, CHUNK)
-    cmask = (k0 + c) < K
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + (k0 + c)[None, :],
-                mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-    # a NaN/Inf would spread through the zeros of the block-diagonal matrix: zero it, mark its block
+def _transform_group(x_ptr, stride_xm, rows, rmask, t_ptr, k0, G: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """x[rows, k0:k0+G] @ T_b^T -> (BM, G) fp32 (one dot, fp32 accumulation), and per row whether the group
+    holds a NaN/Inf (zeroed before the dot so that it cannot spread)."""
+    c = tl.arange(0, G)
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + (k0 + c)[None, :], mask=rmask[:, None],
+                other=0.0).to(tl.float32)
     nonfin = (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) >= 0x7F800000
-    bad_in = tl.max(tl.reshape(nonfin.to(tl.int32), (x.shape[0], CHUNK // G, G)), axis=2)  # (BM, NGC)
+    bad_in = tl.max(nonfin.to(tl.int32), axis=1)
     x = tl.where(nonfin, 0.0, x).to(x_ptr.dtype.element_ty)
-    # tt[j, k] = T[blk, j % G, k % G] for j, k in one block (else 0); x @ tt^T
-    j = tl.arange(0, CHUNK)[:, None]
-    kk = tl.arange(0, CHUNK)[None, :]
-    same = (j // G) == (kk // G)
-    blk = (k0 + j) // G
-    tt = tl.load(t_ptr + blk * (G * G) + (j % G) * G + (kk % G), mask=same & cmask[:, None], other=0.0)
+    tt = tl.load(t_ptr + (k0 // G) * (G * G) + c[:, None] * G + c[None, :])
     if DOT_IEEE:
         xt = tl.dot(x.to(tl.float32), tl.trans(tt.to(tl.float32)), input_precision="ieee")
     else:
@@ -75,59 +69,65 @@ def _transform_chunk(x_ptr, stride_xm, rows, rmask, t_ptr, k0, K, G: tl.constexp
 
 
 @triton.jit
+def _group_codes(xt, bad_in):
+    """(BM, G) transformed values -> group exponent e (BM,), bad (BM,), and the signed e2m1 values (fp32)."""
+    ab = tl.max(xt.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
+    bad = (ab >= 0x7F800000) | (bad_in != 0)
+    e = (ab >> 23) - 127
+    v = (xt * _pow2(-e)[:, None]) * 3.0
+    v = tl.where(bad[:, None], 0.0, v)
+    mag = _round_e2m1(v)
+    sgn = v.to(tl.int32, bitcast=True) & -2147483648
+    val = (mag.to(tl.int32, bitcast=True) | sgn).to(tl.float32, bitcast=True)
+    return e, bad, ab, val
+
+
+@triton.jit
+def _store_group(q_ptr, rows64, rmask, K, k0, val, G: tl.constexpr):
+    """Signed fp32 values (BM, G), exact in e4m3 -> bytes at the group's place in the chunk order."""
+    q = val.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    ev, od = tl.split(tl.reshape(q, (q.shape[0], G // 2, 2)))
+    c2 = tl.arange(0, G // 2)
+    base = q_ptr + rows64[:, None] * K + (k0 // 128) * 128 + (k0 % 128) // 2 + c2[None, :]
+    tl.store(base, ev, mask=rmask[:, None])
+    tl.store(base + 64, od, mask=rmask[:, None])
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, stride_xm, t_ptr, q_ptr, rs_ptr, sc_ptr, flag_ptr, list_ptr, count_ptr, stats_ptr,
                       M, K, BM: tl.constexpr, G: tl.constexpr, DOT_IEEE: tl.constexpr):
     """Transform + MXFP4 quantize + row fold of BM rows: pass 1 gets the row's group exponents, pass 2
-    recomputes the chunk (x from L2) and writes e4m3 (layout above), scale bytes and the row scale."""
-    NGC: tl.constexpr = CHUNK // G
+    recomputes each group (x from L2) and writes e4m3 (layout above), scale bytes and the row scale."""
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < M
     emax = tl.full((BM,), -127, tl.int32)
     emin = tl.full((BM,), 127, tl.int32)
     nbad = tl.zeros((BM,), tl.int32)
-    for k0 in range(0, K, CHUNK):
-        xt, bad_in = _transform_chunk(x_ptr, stride_xm, rows, rmask, t_ptr, k0, K, G, DOT_IEEE)
-        bits = tl.reshape(xt.to(tl.int32, bitcast=True) & 0x7FFFFFFF, (BM, NGC, G))
-        ab = tl.max(bits, axis=2)  # (BM, NGC)
-        gvalid = (k0 + tl.arange(0, NGC) * G) < K
-        bad = ((ab >= 0x7F800000) | (bad_in != 0)) & gvalid[None, :]
+    for k0 in range(0, K, G):
+        xt, bad_in = _transform_group(x_ptr, stride_xm, rows, rmask, t_ptr, k0, G, DOT_IEEE)
+        ab = tl.max(xt.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
+        bad = (ab >= 0x7F800000) | (bad_in != 0)
         e = (ab >> 23) - 127
-        ok = (ab > 0) & (~bad) & gvalid[None, :]
-        emax = tl.maximum(emax, tl.max(tl.where(ok, e, -127), axis=1))
-        emin = tl.minimum(emin, tl.min(tl.where(ok, e, 127), axis=1))
-        nbad += tl.sum(bad.to(tl.int32), axis=1)
+        ok = (ab > 0) & (~bad)
+        emax = tl.maximum(emax, tl.where(ok, e, -127))
+        emin = tl.minimum(emin, tl.where(ok, e, 127))
+        nbad += bad.to(tl.int32)
     ref = emax - 6
     wide = (emax - emin) > (6 - A_DMIN)  # emin > emax when the row is all zero: not wide
     wide = wide & rmask & (nbad == 0)
     rows64 = rows.to(tl.int64)
     rs = tl.where(nbad > 0, float("nan"), _pow2(tl.maximum(ref, -149)))
     tl.store(rs_ptr + rows, rs, mask=rmask)
-    for k0 in range(0, K, CHUNK):
-        xt, bad_in = _transform_chunk(x_ptr, stride_xm, rows, rmask, t_ptr, k0, K, G, DOT_IEEE)
-        x3 = tl.reshape(xt, (BM, NGC, G))
-        ab = tl.max(x3.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2)
-        bad = (ab >= 0x7F800000) | (bad_in != 0)
-        e = (ab >> 23) - 127
-        v = (x3 * _pow2(-e)[:, :, None]) * 3.0
-        v = tl.where(bad[:, :, None], 0.0, v)
-        mag = _round_e2m1(v)
+    for k0 in range(0, K, G):
+        xt, bad_in = _transform_group(x_ptr, stride_xm, rows, rmask, t_ptr, k0, G, DOT_IEEE)
+        e, bad, ab, val = _group_codes(xt, bad_in)
         # folded: code * 2**(E - ref); wide rows keep the bare code (the fallback applies 2**E per group)
-        dd = tl.where(wide[:, None], 0, tl.maximum(e - ref[:, None], -30))
-        val = mag * _pow2(dd)[:, :, None]
-        sgn = v.to(tl.int32, bitcast=True) & -2147483648
-        val = (val.to(tl.int32, bitcast=True) | sgn).to(tl.float32, bitcast=True)
-        q = tl.reshape(val, (BM, CHUNK)).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-        ev, od = tl.split(tl.reshape(q, (BM, CHUNK // 2, 2)))
-        c2 = tl.arange(0, CHUNK // 2)
-        base = q_ptr + rows64[:, None] * K + k0
-        m2 = rmask[:, None] & ((k0 + 2 * c2) < K)[None, :]
-        tl.store(base + c2[None, :], ev, mask=m2)
-        tl.store(base + CHUNK // 2 + c2[None, :], od, mask=m2)
-        gi = tl.arange(0, NGC)
+        dd = tl.where(wide, 0, tl.maximum(e - ref, -30))
+        val = val * _pow2(dd)[:, None]
+        _store_group(q_ptr, rows64, rmask, K, k0, val, G)
         sb = tl.where(bad, 255, e + 127)
-        tl.store(sc_ptr + rows64[:, None] * (K // G) + (k0 // G + gi)[None, :], sb.to(tl.uint8),
-                 mask=rmask[:, None] & ((k0 + gi * G) < K)[None, :])
+        tl.store(sc_ptr + rows64 * (K // G) + k0 // G, sb.to(tl.uint8), mask=rmask)
     # list the wide rows for the fallback (flags dedup, one atomic per program)
     tl.store(flag_ptr + rows, wide.to(tl.int32), mask=rmask)
     n_new = tl.sum(wide.to(tl.int32), axis=0)
@@ -265,8 +265,13 @@ def _gemm_kernel(q_ptr, rs_a_ptr, w_ptr, ws_ptr, wexp_ptr, ga_ptr, gw_ptr, bias_
         hi = tl.reshape(hi, (BW, 64))
         xe = tl.load(q_rows + k0, mask=tmask[:, None], other=0.0)
         xo = tl.load(q_rows + (k0 + 64), mask=tmask[:, None], other=0.0)
-        acc = tl.dot(lo, tl.trans(xe), acc, max_num_imprecise_acc=IMP_ACC)
-        acc = tl.dot(hi, tl.trans(xo), acc, max_num_imprecise_acc=IMP_ACC)
+        if IMP_ACC >= 128:  # the chunk's 4 wgmma k-steps accumulate in the MMA, then one fp32 add
+            part = tl.dot(lo, tl.trans(xe))
+            part = tl.dot(hi, tl.trans(xo), part)
+            acc += part
+        else:
+            acc = tl.dot(lo, tl.trans(xe), acc, max_num_imprecise_acc=IMP_ACC)
+            acc = tl.dot(hi, tl.trans(xo), acc, max_num_imprecise_acc=IMP_ACC)
     rs_w = _pow2(tl.maximum(rexp - 127, -149))
     rs_a = tl.load(rs_a_ptr + tk, mask=tmask, other=0.0)
     gscale = tl.load(ga_ptr) * tl.load(gw_ptr)
@@ -367,12 +372,11 @@ def _fallback_kernel(q_ptr, rs_a_ptr, asc_ptr, aflag_ptr, alist_ptr, count_ptr, 
 
 @triton.jit
 def _act_codes_kernel(x_ptr, stride_xm, t_ptr, q_ptr, sc_ptr, rowst_ptr, M, K, BM: tl.constexpr, G: tl.constexpr,
-                      CPP: tl.constexpr, DOT_IEEE: tl.constexpr):
-    """Split activation path, step 1 (grid: row blocks x K ranges of CPP chunks): transform + MXFP4 quantize,
+                      GPP: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """Split activation path, step 1 (grid: row blocks x K ranges of GPP groups): transform + MXFP4 quantize,
     writes the scale bytes and the bare signed e2m1 values as e4m3 (layout above), and merges the row's
     group-exponent max / min and bad-group count into rowst (M, 3) int32 (zero-initialised) with atomics:
     [emax + 128, 128 - emin, nbad]."""
-    NGC: tl.constexpr = CHUNK // G
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -381,35 +385,18 @@ def _act_codes_kernel(x_ptr, stride_xm, t_ptr, q_ptr, sc_ptr, rowst_ptr, M, K, B
     emax = tl.full((BM,), -127, tl.int32)
     emin = tl.full((BM,), 127, tl.int32)
     nbad = tl.zeros((BM,), tl.int32)
-    c2 = tl.arange(0, CHUNK // 2)
-    gi = tl.arange(0, NGC)
-    for j in range(CPP):
-        k0 = (pid_k * CPP + j) * CHUNK
+    for j in range(GPP):
+        k0 = (pid_k * GPP + j) * G
         if k0 < K:
-            xt, bad_in = _transform_chunk(x_ptr, stride_xm, rows, rmask, t_ptr, k0, K, G, DOT_IEEE)
-            x3 = tl.reshape(xt, (BM, NGC, G))
-            ab = tl.max(x3.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2)
-            gvalid = (k0 + gi * G) < K
-            bad = ((ab >= 0x7F800000) | (bad_in != 0)) & gvalid[None, :]
-            e = (ab >> 23) - 127
-            ok = (ab > 0) & (~bad) & gvalid[None, :]
-            emax = tl.maximum(emax, tl.max(tl.where(ok, e, -127), axis=1))
-            emin = tl.minimum(emin, tl.min(tl.where(ok, e, 127), axis=1))
-            nbad += tl.sum(bad.to(tl.int32), axis=1)
-            v = (x3 * _pow2(-e)[:, :, None]) * 3.0
-            v = tl.where(bad[:, :, None], 0.0, v)
-            mag = _round_e2m1(v)
-            sgn = v.to(tl.int32, bitcast=True) & -2147483648
-            val = (mag.to(tl.int32, bitcast=True) | sgn).to(tl.float32, bitcast=True)
-            q = tl.reshape(val, (BM, CHUNK)).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-            ev, od = tl.split(tl.reshape(q, (BM, CHUNK // 2, 2)))
-            base = q_ptr + rows64[:, None] * K + k0
-            m2 = rmask[:, None] & ((k0 + 2 * c2) < K)[None, :]
-            tl.store(base + c2[None, :], ev, mask=m2)
-            tl.store(base + CHUNK // 2 + c2[None, :], od, mask=m2)
+            xt, bad_in = _transform_group(x_ptr, stride_xm, rows, rmask, t_ptr, k0, G, DOT_IEEE)
+            e, bad, ab, val = _group_codes(xt, bad_in)
+            ok = (ab > 0) & (~bad)
+            emax = tl.maximum(emax, tl.where(ok, e, -127))
+            emin = tl.minimum(emin, tl.where(ok, e, 127))
+            nbad += bad.to(tl.int32)
+            _store_group(q_ptr, rows64, rmask, K, k0, val, G)
             sb = tl.where(bad, 255, e + 127)
-            tl.store(sc_ptr + rows64[:, None] * (K // G) + (k0 // G + gi)[None, :], sb.to(tl.uint8),
-                     mask=rmask[:, None] & gvalid[None, :])
+            tl.store(sc_ptr + rows64 * (K // G) + k0 // G, sb.to(tl.uint8), mask=rmask)
     tl.atomic_max(rowst_ptr + rows * 3, emax + 128, mask=rmask)
     tl.atomic_max(rowst_ptr + rows * 3 + 1, 128 - emin, mask=rmask)
     tl.atomic_add(rowst_ptr + rows * 3 + 2, nbad, mask=rmask)

@@ -55,6 +55,9 @@ class Fp8Tiles:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"Fp8Tiles.{name} must be a power of two >= 16, got {v}")
+        if self.imprecise_acc not in (32, 64, 128):
+            raise ValueError(f"Fp8Tiles.imprecise_acc must be 32 or 64 (K per wgmma accumulation before an fp32 "
+                             f"add) or 128 (one fp32 add per 128-column chunk), got {self.imprecise_acc}")
         if self.split_k < 1:
             raise ValueError(f"Fp8Tiles.split_k must be >= 1, got {self.split_k}")
 
@@ -208,12 +211,12 @@ def quantize_act_fp8(x: torch.Tensor, transform: torch.Tensor, block_m: int | No
     buf = torch.zeros(2 + 5 * m, dtype=torch.int32, device=x.device)
     state = buf[: 2 + 2 * m]
     rowst = buf[2 + 2 * m :]
-    bm = block_m or 16
-    n_ch = kk // CHUNK
+    bm = block_m or (16 if m <= 256 else 64)
+    n_g = kk // 32
     gm = triton_cdiv(m, bm)
-    cpp = max(1, min(n_ch, (gm * n_ch) // 264))
-    k._act_codes_kernel[(gm, triton_cdiv(n_ch, cpp))](
-        x, x.stride(0), t, q, sc, rowst, m, kk, BM=bm, G=32, CPP=cpp, DOT_IEEE=ieee, num_warps=4,
+    gpp = max(1, min(n_g, (gm * n_g) // 528))
+    k._act_codes_kernel[(gm, triton_cdiv(n_g, gpp))](
+        x, x.stride(0), t, q, sc, rowst, m, kk, BM=bm, G=32, GPP=gpp, DOT_IEEE=ieee, num_warps=4,
     )
     bk = 512
     k._act_fold_kernel[(triton_cdiv(m, 16), triton_cdiv(kk, bk))](
