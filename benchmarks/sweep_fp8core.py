@@ -22,22 +22,6 @@ from wush_compile import formats  # noqa: E402
 from wush_compile.ops import fp8core, reference  # noqa: E402
 
 T = fp8core.Fp8Tiles
-CFGS_FULL = {
-    16: [T(64, 16, split_k=1), T(64, 16, split_k=2), T(64, 16, split_k=4), T(128, 16, split_k=2),
-         T(64, 16, split_k=4, imprecise_acc=128), T(64, 16, split_k=4, use_asm=False)],
-    32: [T(64, 32, split_k=1), T(64, 32, split_k=2), T(64, 32, split_k=4), T(128, 32, split_k=2),
-         T(64, 32, split_k=4, imprecise_acc=128)],
-    128: [T(64, 128), T(128, 128), T(64, 128, split_k=2), T(128, 64), T(64, 64, split_k=2),
-          T(64, 128, imprecise_acc=128), T(64, 128, imprecise_acc=1 << 30), T(64, 128, use_asm=False)],
-    512: [T(128, 128), T(128, 128, num_warps=8), T(64, 128), T(128, 64), T(128, 128, imprecise_acc=128),
-          T(128, 256, num_warps=8, num_stages=3)],
-    2048: [T(128, 128), T(128, 128, num_warps=8), T(128, 256, num_warps=8, num_stages=3),
-           T(128, 128, imprecise_acc=128), T(128, 128, imprecise_acc=1 << 30), T(128, 128, use_asm=False)],
-    8192: [T(128, 128), T(128, 128, num_warps=8), T(128, 256, num_warps=8, num_stages=3),
-           T(128, 256, num_warps=8, num_stages=3, imprecise_acc=128), T(128, 128, imprecise_acc=128)],
-}
-
-
 CFGS = {
     16: [T(64, 16, split_k=4), T(64, 16, split_k=4, imprecise_acc=128), T(64, 16, split_k=8),
          T(64, 16, split_k=8, imprecise_acc=128)],
