@@ -23,17 +23,15 @@ from wush_compile.ops import fp8core, reference  # noqa: E402
 
 T = fp8core.Fp8Tiles
 CFGS = {
-    16: [T(64, 16, split_k=4), T(64, 16, split_k=4, imprecise_acc=128), T(64, 16, split_k=8),
-         T(64, 16, split_k=8, imprecise_acc=128)],
-    128: [T(64, 64, split_k=2), T(64, 64, split_k=2, imprecise_acc=128), T(64, 128, split_k=2, imprecise_acc=128),
-          T(128, 128, imprecise_acc=128), T(64, 128, num_stages=4, imprecise_acc=128)],
-    512: [T(64, 128), T(64, 128, imprecise_acc=128), T(128, 128, imprecise_acc=128),
-          T(128, 128, num_warps=8, imprecise_acc=128), T(256, 128, num_warps=8, imprecise_acc=128)],
-    2048: [T(128, 128), T(128, 128, imprecise_acc=128), T(128, 128, num_stages=4, imprecise_acc=128),
-           T(256, 128, num_warps=8, imprecise_acc=128), T(128, 128, num_warps=8, imprecise_acc=128),
-           T(128, 64, imprecise_acc=128)],
-    8192: [T(128, 128), T(128, 128, imprecise_acc=128), T(256, 128, num_warps=8, imprecise_acc=128),
-           T(128, 128, num_stages=4, imprecise_acc=128), T(128, 256, num_warps=8, imprecise_acc=128)],
+    16: [T(64, 16, split_k=4), T(64, 16, split_k=8)],
+    32: [T(64, 32, split_k=4), T(64, 32, split_k=2)],
+    64: [T(64, 64, split_k=2), T(64, 64, split_k=4)],
+    128: [T(64, 64, split_k=2), T(64, 128, split_k=2), T(64, 128, num_stages=4)],
+    256: [T(64, 128), T(64, 128, split_k=2), T(128, 128, num_warps=8)],
+    512: [T(64, 128), T(128, 128, num_warps=8), T(64, 128, num_stages=4)],
+    1024: [T(64, 128), T(128, 128, num_warps=8)],
+    2048: [T(128, 128), T(128, 128, num_warps=8), T(128, 64, num_warps=4)],
+    8192: [T(128, 128), T(128, 128, num_warps=8), T(128, 256, num_warps=8)],
 }
 
 
@@ -44,7 +42,7 @@ def stress_precision(gen):
     w = torch.randn(n, k, generator=gen, device=DEV)
     w = w * torch.pow(2.0, torch.randint(-8, 1, (n, k // 32, 1), generator=gen, device=DEV).float()).repeat_interleave(32, 1).reshape(n, k)
     codes, scales, gs = formats.quantize(w, "mxfp4")
-    wexp = fp8core.weight_row_exponents(scales, codes)
+    packed, wexp = fp8core.prepare_weights(codes, scales)
     x = torch.randn(m, k, generator=gen, device=DEV)
     x = x * torch.pow(2.0, torch.randint(-10, 1, (m, k // 32, 1), generator=gen, device=DEV).float()).repeat_interleave(32, 1).reshape(m, k)
     t = torch.eye(32, device=DEV).expand(k // 32, 32, 32).contiguous()
@@ -62,7 +60,7 @@ def stress_precision(gen):
     q, rs, sc, st = fp8core.quantize_act_fp8(x, t)
     out["fallback_a_rows"] = int(st[0])
     for imp in (32, 64, 128):
-        y = fp8core.gemm(q, rs, sc, st, codes, scales, wexp, gs.float().reshape(()), None, torch.float32,
+        y = fp8core.gemm(q, rs, sc, st, packed, scales, wexp, gs.float().reshape(()), None, torch.float32,
                          T(64, 64, imprecise_acc=imp))
         out[f"imp{imp}"] = float(((y.double() - ref).norm(dim=1) / rn).max())
     return out
@@ -79,7 +77,7 @@ def ptx_stats(out):
             x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
             L = make(n, k, torch.Generator(device=DEV).manual_seed(1))
             qq, rs, sc, st = fp8core.quantize_act_fp8(x, L["t"])
-            fp8core.gemm(qq, rs, sc, st, L["codes"], L["scales"], L["wexp"], L["gs"], None, torch.bfloat16, c)
+            fp8core.gemm(qq, rs, sc, st, L["packed"], L["scales"], L["wexp"], L["gs"], None, torch.bfloat16, c)
             ker = list(K._gemm_kernel.device_caches[0][0].values())[-1]
             ptx = ker.asm["ptx"]
             (out / f"gemm_{tag(c)}.ptx").write_text(ptx)
@@ -166,15 +164,15 @@ def main(out: Path, budget: float):
             for c in CFGS[m]:
                 tg = tag(c)
                 try:
-                    y = fp8core.gemm(q, rs, sc, st, L0["codes"], L0["scales"], L0["wexp"], L0["gs"], None, torch.float32, c)
+                    y = fp8core.gemm(q, rs, sc, st, L0["packed"], L0["scales"], L0["wexp"], L0["gs"], None, torch.float32, c)
                     e = float(((y[:cm].double() - ref).norm(dim=1) / rnorm).max())
                     row[tg + "_err"] = e
                     if not e < 1e-3:
                         print(name, m, tg, "CHECK FAILED", e, flush=True)
                         continue
-                    row[tg] = time_graph(lambda i, c=c: fp8core.linear(x, Ls[i]["codes"], Ls[i]["scales"], Ls[i]["wexp"],
+                    row[tg] = time_graph(lambda i, c=c: fp8core.linear(x, Ls[i]["packed"], Ls[i]["scales"], Ls[i]["wexp"],
                                                                         Ls[i]["t"], Ls[i]["gs"], None, tiles=c), copies)
-                    row[tg + "_gemm"] = time_graph(lambda i, c=c: fp8core.gemm(q, rs, sc, st, Ls[i]["codes"], Ls[i]["scales"],
+                    row[tg + "_gemm"] = time_graph(lambda i, c=c: fp8core.gemm(q, rs, sc, st, Ls[i]["packed"], Ls[i]["scales"],
                                                                                Ls[i]["wexp"], Ls[i]["gs"], None, torch.bfloat16, c), copies)
                 except Exception as ex:  # noqa: BLE001
                     row[tg + "_fail"] = repr(ex)[:300]

@@ -55,7 +55,7 @@ def test_quantize_act_fp8_matches_reference(m, split):
     cr, sr = reference.transform_quantize_ref(x, t, None, "mxfp4")
     assert torch.equal(sc, sr)
     vals = formats.dequantize(cr, sr, torch.ones((), device=DEV), "mxfp4")  # code * 2**E
-    got = fp8core.to_natural_order(q.view(torch.uint8)).view(torch.float8_e4m3fn).float() * rs[:, None]
+    got = q.float() * rs[:, None]
     ok = torch.isfinite(rs)
     assert not bool(ok[1]) and bool(ok[0])
     assert torch.equal(got[ok], vals[ok])
@@ -92,10 +92,10 @@ def _check_linear(m, n, k, gen, dtype=torch.float32, bias=False, wide_w=(), wide
         torch.linalg.qr(torch.randn(k // G, G, G, generator=gen))[0].contiguous().to(dtype).to(DEV)
     codes, scales, w_gs = _layer(n, k, gen, wide_w)
     b = torch.randn(n, generator=gen).to(dtype).to(DEV) if bias else None
-    wexp = fp8core.weight_row_exponents(scales, codes)
+    packed, wexp = fp8core.prepare_weights(codes, scales)
     assert int((wexp < 0).sum()) == len(wide_w)
     fp8core.fallback_stats(reset=True)
-    y = fp8core.linear(x, codes, scales, wexp, t, w_gs, b, tiles=tiles)
+    y = fp8core.linear(x, packed, scales, wexp, t, w_gs, b, tiles=tiles)
     assert y.shape == (m, n) and y.dtype == dtype
     ref = _ref64(x, codes, scales, t, w_gs, b)
     if dtype == torch.float32:
@@ -108,7 +108,18 @@ def _check_linear(m, n, k, gen, dtype=torch.float32, bias=False, wide_w=(), wide
         assert err < 2 * err_ref + 1e-4, (err, err_ref)
     s = next(iter(fp8core.fallback_stats(reset=True).values()))
     assert s["act_rows_fallback"] == len(wide_a) and s["weight_rows_fallback"] == len(wide_w)
-    return x, codes, scales, wexp, t, w_gs
+    return x, packed, scales, wexp, t, w_gs
+
+
+def test_pack_weights_round_trip_and_layout():
+    gen = torch.Generator().manual_seed(6)
+    codes = torch.randint(0, 256, (3, 128), generator=gen, dtype=torch.uint8)
+    p = fp8core.pack_weights(codes)
+    assert torch.equal(fp8core.unpack_weights(p), codes)
+    c = formats.unpack_fp4(codes)  # (3, 256)
+    assert int(p[1, 70] & 15) == int(c[1, 128 + 6]) and int(p[1, 70] >> 4) == int(c[1, 128 + 64 + 6])
+    with pytest.raises(ValueError, match="K % 128"):
+        fp8core.pack_weights(codes[:, :40])
 
 
 @pytest.mark.parametrize("dtype,bias", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)])
@@ -136,9 +147,9 @@ def test_tiles_reject_bad_values():
 def test_linear_fallback_rows_exact_and_nan():
     gen = torch.Generator().manual_seed(3)
     m, n, k = (21, 70, 256) if DEV == "cpu" else (200, 700, 2048)
-    x, codes, scales, wexp, t, w_gs = _check_linear(m, n, k, gen, wide_w=(2, 65), wide_a=(3, 17))
+    x, packed, scales, wexp, t, w_gs = _check_linear(m, n, k, gen, wide_w=(2, 65), wide_a=(3, 17))
     x[5, 7] = float("nan")
-    y = fp8core.linear(x, codes, scales, wexp, t, w_gs, None)
+    y = fp8core.linear(x, packed, scales, wexp, t, w_gs, None)
     assert bool(torch.isnan(y[5]).all()) and bool(torch.isfinite(y[6]).all())
 
 
@@ -156,6 +167,38 @@ def test_linear_gpu_large_k(m, use_asm):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_linear_gpu_wide_but_foldable_spread_is_fp32_exact(split_k):
+    """Group exponents spread across a row as wide as still folds (weights 8 + the data's own, activations
+    10 + own): the fp8 MMA must keep fp32-accumulation accuracy (each k-step is one scale group; one fp32
+    add per group). Bound: 4x an fp32 matmul's error on the same dequantized operands, or 2**-21."""
+    gen = torch.Generator(device=DEV).manual_seed(12)
+    n, k, m = 512, 4096, 64
+    w = torch.randn(n, k, generator=gen, device=DEV)
+    w = w * torch.pow(2.0, torch.randint(-8, 1, (n, k // G, 1), generator=gen, device=DEV).float()).repeat_interleave(G, 1).reshape(n, k)
+    codes, scales, w_gs = formats.quantize(w, "mxfp4")
+    w_gs = w_gs.float().reshape(())
+    x = torch.randn(m, k, generator=gen, device=DEV)
+    x = x * torch.pow(2.0, torch.randint(-10, 1, (m, k // G, 1), generator=gen, device=DEV).float()).repeat_interleave(G, 1).reshape(m, k)
+    t = torch.eye(G, device=DEV).expand(k // G, G, G).contiguous()
+    packed, wexp = fp8core.prepare_weights(codes, scales)
+    y = fp8core.linear(x, packed, scales, wexp, t, w_gs, None, tiles=fp8core.Fp8Tiles(64, 64, split_k=split_k))
+    ref = _ref64(x, codes, scales, t, w_gs, None)
+    a_gs = torch.tensor(formats.MXFP4_GLOBAL_SCALE, device=DEV)
+    ac, asc = reference.transform_quantize_ref(x, t, a_gs, "mxfp4")
+    one = torch.ones((), device=DEV)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    y32 = (formats.dequantize(ac, asc, one, "mxfp4") @ formats.dequantize(codes, scales, one, "mxfp4").t()).double() \
+        * (a_gs.double() * w_gs.double())
+    rn = ref.norm(dim=1)
+    err = float(((y.double() - ref).norm(dim=1) / rn).max())
+    err32 = float(((y32 - ref).norm(dim=1) / rn).max())
+    assert int((wexp < 0).sum()) < n // 4  # most rows take the folded fp8 route
+    assert err <= max(4 * err32, 2.0**-21), (err, err32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bw,bt,warps", [(64, 64, 4), (128, 64, 4), (64, 16, 4), (128, 128, 8), (128, 256, 8)])
 def test_asm_expansion_equals_portable(bw, bt, warps):
     """The PTX expansion reads one offset byte per weight byte, so it equals the integer expansion at any
@@ -165,8 +208,8 @@ def test_asm_expansion_equals_portable(bw, bt, warps):
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
     t = torch.linalg.qr(torch.randn(k // G, G, G, generator=gen))[0].contiguous().to(torch.bfloat16).to(DEV)
     codes, scales, w_gs = _layer(n, k, gen)
-    wexp = fp8core.weight_row_exponents(scales, codes)
-    ys = [fp8core.linear(x.float(), codes, scales, wexp, t.float(), w_gs, None,
+    packed, wexp = fp8core.prepare_weights(codes, scales)
+    ys = [fp8core.linear(x.float(), packed, scales, wexp, t.float(), w_gs, None,
                          tiles=fp8core.Fp8Tiles(block_w=bw, block_t=bt, num_warps=warps, use_asm=a))
           for a in (True, False)]
     assert torch.equal(ys[0], ys[1])

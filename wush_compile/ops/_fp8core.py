@@ -7,8 +7,12 @@ e4m3 cast (exact down to d = -8, subnormals included, spread <= 14); weights in 
 expansion that keeps the exponent field normal (d >= -5, spread <= 11). Rows that do not fold take the exact
 per-group fallback kernel.
 
-Activation e4m3 layout: per chunk of 128 columns, the 64 even columns first, then the 64 odd ones - the
-order in which the GEMM expands the low and high nibbles of its weight bytes (no interleave shuffle).
+Layouts. Activations: e4m3 (M, K) in natural column order. Weights: the fp8core packing (see
+``fp8core.pack_weights``): per chunk of 128 columns, byte j (0..63) holds column j in its low nibble and column
+j + 64 in its high nibble, so the low nibbles of a chunk expand to columns 0..63 and the high nibbles to
+64..127, each in natural order. Every 32-column k-step of the fp8 MMA then covers exactly one scale group of
+both operands: its 32 products share one scale and their sum (multiples of 1/4, at most 32 * 36) is exact
+inside the MMA; the fp32 accumulator takes one add per group (``max_num_imprecise_acc=32``).
 """
 
 from __future__ import annotations
@@ -84,13 +88,10 @@ def _group_codes(xt, bad_in):
 
 @triton.jit
 def _store_group(q_ptr, rows64, rmask, K, k0, val, G: tl.constexpr):
-    """Signed fp32 values (BM, G), exact in e4m3 -> bytes at the group's place in the chunk order."""
+    """Signed fp32 values (BM, G), exact in e4m3 -> e4m3 bytes of columns k0 .. k0 + G."""
     q = val.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-    ev, od = tl.split(tl.reshape(q, (q.shape[0], G // 2, 2)))
-    c2 = tl.arange(0, G // 2)
-    base = q_ptr + rows64[:, None] * K + (k0 // 128) * 128 + (k0 % 128) // 2 + c2[None, :]
-    tl.store(base, ev, mask=rmask[:, None])
-    tl.store(base + 64, od, mask=rmask[:, None])
+    c = tl.arange(0, G)
+    tl.store(q_ptr + rows64[:, None] * K + k0 + c[None, :], q, mask=rmask[:, None])
 
 
 @triton.jit
@@ -139,18 +140,19 @@ def _act_quant_kernel(x_ptr, stride_xm, t_ptr, q_ptr, rs_ptr, sc_ptr, flag_ptr, 
     tl.atomic_add(stats_ptr + 1, tl.sum(rmask.to(tl.int32), axis=0))
 
 
-# 4 packed weight bytes + 4 biased group offsets d + 5 (one byte each, 0..11) -> 4 e4m3 of the low nibbles
-# and 4 of the high nibbles. Each output byte uses its own offset byte, so the result does not depend on how
-# Triton assigns elements to registers. LUT bytes {0, .5, 1, 1.5 | 2, 3, 4, 6} as e4m3 bits minus 8 * 5,
+# 4 packed weight bytes + 4 biased group offsets d + 5 of their low nibbles and 4 of their high nibbles (one
+# byte each, 0..11) -> 4 e4m3 of the low nibbles and 4 of the high nibbles. Each output byte uses its own
+# offset byte, so the result does not depend on how Triton assigns elements to registers. LUT bytes {0, .5, 1, 1.5 | 2, 3, 4, 6} as e4m3 bits minus 8 * 5,
 # picked with prmt by the 3 magnitude bits; + 8 * (d + 5) per byte (no carry: <= 0x7C); code 0 masked to 0;
 # the sign bit goes to bit 7.
 _ASM_EXPAND = tl.constexpr("""{
-.reg .b32 d8, llo, lhi, mlo, mhi, x, y, sel, s, m, v;
+.reg .b32 d8, e8, llo, lhi, mlo, mhi, x, y, sel, s, m, v;
 mov.b32 llo, 0x14100800;
 mov.b32 lhi, 0x24201C18;
 mov.b32 mlo, 0xFFFFFF00;
 mov.b32 mhi, 0xFFFFFFFF;
 shl.b32 d8, $3, 3;
+shl.b32 e8, $4, 3;
 and.b32 x, $2, 0x07070707;
 shr.b32 y, x, 4;
 or.b32 y, x, y;
@@ -169,7 +171,7 @@ or.b32 y, x, y;
 prmt.b32 sel, y, 0, 0x4420;
 prmt.b32 v, llo, lhi, sel;
 prmt.b32 m, mlo, mhi, sel;
-add.u32 v, v, d8;
+add.u32 v, v, e8;
 and.b32 v, v, m;
 and.b32 s, $2, 0x80808080;
 or.b32 $1, v, s;
@@ -185,17 +187,18 @@ def _nib_e4m3(n, d):
 
 
 @triton.jit
-def expand_weights(wb, d, USE_ASM: tl.constexpr):
-    """Packed bytes (uint8) and group offsets d (int32, broadcastable to wb, -5 <= d <= 6) -> (low, high)
-    e4m3 tensors of wb's shape."""
+def expand_weights(wb, d_lo, d_hi, USE_ASM: tl.constexpr):
+    """Packed bytes (uint8) and the group offsets of their low and high nibbles (int32, broadcastable to wb,
+    -5 <= d <= 6) -> (low, high) e4m3 tensors of wb's shape."""
     if USE_ASM:
-        db = tl.broadcast_to((d + 5).to(tl.uint8), wb.shape)
-        lo, hi = tl.inline_asm_elementwise(_ASM_EXPAND, "=r,=r,r,r", [wb, db],
+        dl = tl.broadcast_to((d_lo + 5).to(tl.uint8), wb.shape)
+        dh = tl.broadcast_to((d_hi + 5).to(tl.uint8), wb.shape)
+        lo, hi = tl.inline_asm_elementwise(_ASM_EXPAND, "=r,=r,r,r,r", [wb, dl, dh],
                                            dtype=(tl.float8e4nv, tl.float8e4nv), is_pure=True, pack=4)
     else:
         b = wb.to(tl.int32)
-        lo = _nib_e4m3(b & 15, d).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-        hi = _nib_e4m3(b >> 4, d).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+        lo = _nib_e4m3(b & 15, d_lo).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+        hi = _nib_e4m3(b >> 4, d_hi).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
     return lo, hi
 
 
@@ -247,20 +250,22 @@ def _gemm_kernel(q_ptr, rs_a_ptr, w_ptr, ws_ptr, wexp_ptr, ga_ptr, gw_ptr, bias_
     c_hi = tl.minimum(c_lo + per, n_ch)
     rexp = tl.load(wexp_ptr + wn, mask=wmask, other=0)
     rexp = tl.where(rexp < 0, -rexp - 1, rexp)  # fallback rows: their slot is overwritten later
-    g4 = tl.arange(0, 4)
-    c16 = tl.arange(0, 16)
+    h2 = tl.arange(0, 2)
+    c32 = tl.arange(0, 32)
     c2 = tl.arange(0, 64)
-    # one chunk of 128 columns = 4 groups of 16 packed bytes: (BW, 4, 16), group offsets (BW, 4, 1)
-    w_rows = w_ptr + wn64[:, None, None] * (K // 2) + (g4 * 16)[None, :, None] + c16[None, None, :]
-    s_rows = ws_ptr + wn64[:, None] * NB + g4[None, :]
+    # one chunk of 128 columns = 64 packed bytes as (BW, 2, 32): low nibbles -> groups 0, 1, high -> 2, 3
+    w_rows = w_ptr + wn64[:, None, None] * (K // 2) + (h2 * 32)[None, :, None] + c32[None, None, :]
+    s_rows = ws_ptr + wn64[:, None] * NB + h2[None, :]
     q_rows = q_ptr + tk64[:, None] * K + c2[None, :]
     acc = tl.zeros((BW, BT), tl.float32)
     for ci in range(c_lo, c_hi):
         k0 = ci * 128
         wb = tl.load(w_rows + k0 // 2, mask=wmask[:, None, None], other=0)
-        sb = tl.load(s_rows + k0 // 32, mask=wmask[:, None], other=0)
-        d = (sb.to(tl.int32) - rexp[:, None])[:, :, None]
-        lo, hi = expand_weights(wb, d, USE_ASM)
+        s_lo = tl.load(s_rows + k0 // 32, mask=wmask[:, None], other=0)
+        s_hi = tl.load(s_rows + (k0 // 32 + 2), mask=wmask[:, None], other=0)
+        d_lo = (s_lo.to(tl.int32) - rexp[:, None])[:, :, None]
+        d_hi = (s_hi.to(tl.int32) - rexp[:, None])[:, :, None]
+        lo, hi = expand_weights(wb, d_lo, d_hi, USE_ASM)
         lo = tl.reshape(lo, (BW, 64))
         hi = tl.reshape(hi, (BW, 64))
         xe = tl.load(q_rows + k0, mask=tmask[:, None], other=0.0)
@@ -308,24 +313,24 @@ def _fallback_tile(q_ptr, rs_a_ptr, asc_ptr, aflag_ptr, w_ptr, ws_ptr, tk, tmask
     """Exact per-group sum: each 32-wide group product is exact in fp32 (codes x folded codes), scaled by
     2**E_w(group) and the token side's group scale, accumulated in fp32 (the reference's own rounding)."""
     NB = K // 32
-    c = tl.arange(0, 16)
+    c = tl.arange(0, 32)
     wn64 = wn.to(tl.int64)
     tk64 = tk.to(tl.int64)
     aflag = tl.load(aflag_ptr + tk, mask=tmask, other=0)
     rs_a = tl.load(rs_a_ptr + tk, mask=tmask, other=0.0)
     acc = tl.zeros((BW, BT), tl.float32)
+    zero = tl.zeros((BW, 32), tl.int32)
     for g in range(0, NB):
         k0 = g * 32
-        ch = k0 // 128
-        off = (k0 % 128) // 2  # position of this group's even columns inside the chunk's even half
-        wb = tl.load(w_ptr + wn64[:, None] * (K // 2) + (k0 // 2 + c)[None, :], mask=wmask[:, None], other=0)
+        gi = g % 4
+        # the group's 32 codes: bytes (gi % 2) * 32 .. + 32 of its chunk, low nibbles for gi < 2
+        wb = tl.load(w_ptr + wn64[:, None] * (K // 2) + ((g // 4) * 64 + (gi % 2) * 32 + c)[None, :],
+                     mask=wmask[:, None], other=0)
+        wb = ((wb.to(tl.int32) >> (4 * (gi // 2))) & 15).to(tl.uint8)
         sw = tl.load(ws_ptr + wn64 * NB + g, mask=wmask, other=0).to(tl.int32)
-        lo, hi = expand_weights(wb, tl.zeros((BW, 16), tl.int32), USE_ASM)  # bare codes (d = 0)
-        base = q_ptr + tk64[:, None] * K + ch * 128 + off + c[None, :]
-        xe = tl.load(base, mask=tmask[:, None], other=0.0)
-        xo = tl.load(base + 64, mask=tmask[:, None], other=0.0)
-        p = tl.dot(lo.to(tl.float32), tl.trans(xe.to(tl.float32)), input_precision="ieee")
-        p = tl.dot(hi.to(tl.float32), tl.trans(xo.to(tl.float32)), p, input_precision="ieee")
+        lo, hi = expand_weights(wb, zero, zero, USE_ASM)  # bare codes (d = 0)
+        xa = tl.load(q_ptr + tk64[:, None] * K + (k0 + c)[None, :], mask=tmask[:, None], other=0.0)
+        p = tl.dot(lo.to(tl.float32), tl.trans(xa.to(tl.float32)), input_precision="ieee")
         sa_b = tl.load(asc_ptr + tk64 * NB + g, mask=tmask, other=0).to(tl.int32)
         sa = tl.where(aflag != 0, _pow2(tl.maximum(sa_b - 127, -149)), rs_a)
         sa = tl.where(sa_b == 255, float("nan"), sa)
@@ -420,8 +425,7 @@ def _act_fold_kernel(q_ptr, sc_ptr, rowst_ptr, rs_ptr, flag_ptr, list_ptr, count
     wide = ((emax - emin) > (6 - A_DMIN)) & rmask & (nbad == 0)
     cols = pid_k * BK + tl.arange(0, BK)
     cmask = cols < K
-    p = cols % CHUNK
-    grp = cols // CHUNK * (CHUNK // G) + (p % (CHUNK // 2)) // (G // 2)  # group of the column held at p
+    grp = cols // G
     mk = rmask[:, None] & cmask[None, :]
     qp = q_ptr + rows64[:, None] * K + cols[None, :]
     qv = tl.load(qp, mask=mk, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)

@@ -2,11 +2,13 @@
 
 Public API (same semantics as :func:`wush_compile.ops.reference.linear_ref` for MXFP4):
 
-* :func:`weight_row_exponents` - per weight row the reference exponent byte (computed once, stored with
-  the weights); a negative entry marks a row whose exponent spread does not fold (exact fallback).
-* :func:`quantize_act_fp8` - ONE kernel: blockwise transform + MXFP4 quantize + row fold ->
-  (e4m3 (M, K) in the GEMM's chunk order, fp32 row scales (M,), e8m0 scale bytes (M, K/32), wide-row flags).
-* :func:`gemm` - the swap-AB fp8 GEMM on those operands (+ the exact fallback launch).
+* :func:`prepare_weights` - once per layer (load time): the weight codes repacked into the fp8core layout
+  (:func:`pack_weights`) and per weight row the reference exponent byte (:func:`weight_row_exponents`; a
+  negative entry marks a row whose exponent spread does not fold: exact fallback).
+* :func:`quantize_act_fp8` - blockwise transform + MXFP4 quantize + row fold ->
+  (e4m3 (M, K), fp32 row scales (M,), e8m0 scale bytes (M, K/32), wide-row flags).
+* :func:`gemm` - the swap-AB fp8 GEMM on those operands (+ the exact fallback launch); it reads the packed
+  FP4 codes and expands them to e4m3 in registers (no e4m3 weight copy in memory).
 * :func:`linear` - both.
 * :func:`tiles_for` - the pure tile heuristic (frozen :class:`Fp8Tiles`); :func:`fallback_stats` - counters.
 
@@ -24,7 +26,8 @@ import torch
 from .. import formats, settings
 
 __all__ = ["Fp8Tiles", "tiles_for", "weight_row_exponents", "quantize_act_fp8", "gemm", "linear",
-           "fallback_stats", "act_split_for", "W_SPREAD_MAX", "A_SPREAD_MAX", "to_natural_order"]
+           "fallback_stats", "act_split_for", "W_SPREAD_MAX", "A_SPREAD_MAX", "pack_weights", "unpack_weights",
+           "prepare_weights"]
 
 #: Widest exponent spread (max - min group exponent) per row that folds: weights (integer expansion keeps
 #: e4m3 normal, d >= -5) and activations (fp32 -> e4m3 cast, subnormals included, d >= -8).
@@ -106,11 +109,28 @@ def weight_row_exponents(scales: torch.Tensor, codes: torch.Tensor | None = None
     return torch.where(bad, -1 - ref, ref).to(torch.int32)
 
 
-def to_natural_order(q: torch.Tensor) -> torch.Tensor:
-    """Activation e4m3 (M, K) in the chunk order [64 even | 64 odd] per 128 columns -> natural column order."""
-    m, k = q.shape
-    v = q.reshape(m, k // CHUNK, 2, CHUNK // 2).transpose(2, 3)
-    return v.reshape(m, k)
+def pack_weights(codes: torch.Tensor) -> torch.Tensor:
+    """MXFP4 codes (N, K/2) in the canonical packing (byte = column 2j | column 2j+1 << 4) -> the fp8core
+    packing: per chunk of 128 columns, byte j = column j | column j + 64 << 4. Same bytes count; one pass."""
+    if codes.dtype != torch.uint8 or codes.dim() != 2 or (codes.shape[1] * 2) % CHUNK:
+        raise ValueError(f"pack_weights expects (N, K/2) uint8 codes with K % {CHUNK} == 0, got "
+                         f"{codes.dtype} {tuple(codes.shape)}")
+    n, kh = codes.shape
+    c = formats.unpack_fp4(codes).reshape(n, kh * 2 // CHUNK, 2, CHUNK // 2)
+    return (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).reshape(n, kh).contiguous()
+
+
+def unpack_weights(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_weights` (canonical packing)."""
+    n, kh = packed.shape
+    p = packed.reshape(n, kh * 2 // CHUNK, CHUNK // 2)
+    c = torch.stack([p & 15, p >> 4], dim=2).reshape(n, kh * 2)
+    return formats.pack_fp4(c)
+
+
+def prepare_weights(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Once per layer: (fp8core-packed codes, row reference exponents) for :func:`gemm` / :func:`linear`."""
+    return pack_weights(codes), weight_row_exponents(scales, codes)
 
 
 _STATS: dict = {}
@@ -185,7 +205,7 @@ def quantize_act_fp8(x: torch.Tensor, transform: torch.Tensor, block_m: int | No
     transform). ``split=True``: two kernels over a (rows x K chunks) grid - codes and per-row exponent
     range first (atomics), the fold second - for small M. Both write the same bytes. None: heuristic.
 
-    Returns (q (M, K) float8_e4m3fn in chunk order, row_scale (M,) fp32 = 2**ref (NaN for rows holding
+    Returns (q (M, K) float8_e4m3fn, row_scale (M,) fp32 = 2**ref (NaN for rows holding
     NaN/Inf), scales (M, K/32) uint8 (bit-identical to the reference's), state (2 + 2M,) int32:
     [count, 0, flags (M), list (M)] of the rows whose spread exceeds A_SPREAD_MAX)."""
     _check(x, transform)
@@ -230,9 +250,11 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def gemm(q, row_scale, a_scales, state, w_codes, w_scales, w_row_exp, w_global_scale, bias=None,
+def gemm(q, row_scale, a_scales, state, w_packed, w_scales, w_row_exp, w_global_scale, bias=None,
          out_dtype=torch.bfloat16, tiles: Fp8Tiles | None = None) -> torch.Tensor:
-    """out (M, N) = A @ W^T * global scales (+ bias) from quantize_act_fp8's outputs and the packed weights."""
+    """out (M, N) = A @ W^T * global scales (+ bias) from quantize_act_fp8's outputs and the weights from
+    :func:`prepare_weights` (codes in the fp8core packing)."""
+    w_codes = w_packed
     k = _k()
     m, kk = q.shape
     n = w_codes.shape[0]
@@ -268,17 +290,18 @@ def gemm(q, row_scale, a_scales, state, w_codes, w_scales, w_row_exp, w_global_s
     return out
 
 
-def linear(x, w_codes, w_scales, w_row_exp, transform, w_global_scale, bias=None,
+def linear(x, w_packed, w_scales, w_row_exp, transform, w_global_scale, bias=None,
            tiles: Fp8Tiles | None = None) -> torch.Tensor:
-    """MXFP4 W4A4 linear on x (..., K) -> (..., N) in x's dtype (reference.linear_ref semantics)."""
+    """MXFP4 W4A4 linear on x (..., K) -> (..., N) in x's dtype (reference.linear_ref semantics); weights
+    from :func:`prepare_weights`."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    n = w_codes.shape[0]
+    n = w_packed.shape[0]
     if x2.shape[0] == 0:
         return x.new_empty((*lead, n))
     if w_row_exp is None:
-        w_row_exp = weight_row_exponents(w_scales, w_codes)
+        raise ValueError("fp8core.linear needs the row exponents: (w_packed, w_row_exp) = prepare_weights(codes, scales)")
     q, rs, sc, state = quantize_act_fp8(x2, transform)
-    y = gemm(q, rs, sc, state, w_codes.contiguous(), w_scales.contiguous(), w_row_exp, w_global_scale, bias,
+    y = gemm(q, rs, sc, state, w_packed.contiguous(), w_scales.contiguous(), w_row_exp, w_global_scale, bias,
              x.dtype, tiles)
     return y.reshape(*lead, n)
