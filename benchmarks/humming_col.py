@@ -157,6 +157,8 @@ def prepare(codes: torch.Tensor, scales: torch.Tensor, w_global_scale: torch.Ten
     _check_weights(codes, scales, w_global_scale, n, k)
     if a8_group not in _A8_GROUPS:
         raise ValueError(f"a8_group must be one of {_A8_GROUPS} (0 = per token), got {a8_group}")
+    if a8_group and k % a8_group:
+        raise ValueError(f"a8_group={a8_group} needs K % {a8_group} == 0, got K={k}; use a8_group=0 (per token)")
     bad = set(paths) - {"w4a8", "w4a16"}
     if bad:
         raise ValueError(f"unknown paths {sorted(bad)}; choose from ('w4a8', 'w4a16')")

@@ -1,18 +1,16 @@
 """``@triton.jit`` bodies of the MXFP4 W4A4 linear on fp8 tensor cores (Hopper), see :mod:`.fp8core`.
 
-Exactness: an e2m1 magnitude {0.5 .. 6} times 2**d is an exact e4m3 value for -8 <= d <= 6. Per row a
-reference exponent ref = (largest group exponent) - 6 folds every group of the row into e4m3 with
-d = E_group - ref; the row scale 2**ref goes to the GEMM epilogue. Activations are folded through an fp32 ->
-e4m3 cast (exact down to d = -8, subnormals included, spread <= 14); weights in the GEMM with an integer
-expansion that keeps the exponent field normal (d >= -5, spread <= 11). Rows that do not fold take the exact
-per-group fallback kernel.
+Exactness. Activations: an e2m1 magnitude {0.5 .. 6} times 2**d is an exact e4m3 value for -8 <= d <= 6. Per
+row a reference exponent ref = (largest group exponent) - 6 folds every group of the row into e4m3 with
+d = E_group - ref (fp32 -> e4m3 cast, subnormals included, spread <= 14); the row scale 2**ref goes to the
+GEMM epilogue; rows that do not fold take the exact per-group fallback kernel. Weights: expanded to e4m3 as
+code * 2**-6 (no exponent arithmetic, any spread); each group's own scale multiplies its exact MMA sum in fp32.
 
 Layouts. Activations: e4m3 (M, K) in natural column order. Weights: the fp8core packing (see
 ``fp8core.pack_weights``): per chunk of 128 columns, byte j (0..63) holds column j in its low nibble and column
 j + 64 in its high nibble, so the low nibbles of a chunk expand to columns 0..63 and the high nibbles to
-64..127, each in natural order. Every 32-column k-step of the fp8 MMA then covers exactly one scale group of
-both operands: its 32 products share one scale and their sum (multiples of 1/4, at most 32 * 36) is exact
-inside the MMA; the fp32 accumulator takes one add per group (``max_num_imprecise_acc=32``).
+64..127, each in natural order. Each group's 32 codes are then one contiguous (BW, 32) operand: one k = 32 MMA per
+group of both operands.
 """
 
 from __future__ import annotations
@@ -21,8 +19,6 @@ import triton
 import triton.language as tl
 
 CHUNK = tl.constexpr(128)
-#: smallest group offset d the weight expansion handles (e4m3 exponent field stays >= 1)
-W_DMIN = tl.constexpr(-5)
 #: smallest group offset d the activation fold handles (e4m3 subnormals, via the fp32 cast)
 A_DMIN = tl.constexpr(-8)
 
@@ -140,71 +136,45 @@ def _act_quant_kernel(x_ptr, stride_xm, t_ptr, q_ptr, rs_ptr, sc_ptr, flag_ptr, 
     tl.atomic_add(stats_ptr + 1, tl.sum(rmask.to(tl.int32), axis=0))
 
 
-# 4 packed weight bytes + 4 biased group offsets d + 5 of their low nibbles and 4 of their high nibbles (one
-# byte each, 0..11) -> 4 e4m3 of the low nibbles and 4 of the high nibbles. Each output byte uses its own
-# offset byte, so the result does not depend on how Triton assigns elements to registers. LUT bytes {0, .5, 1, 1.5 | 2, 3, 4, 6} as e4m3 bits minus 8 * 5,
-# picked with prmt by the 3 magnitude bits; + 8 * (d + 5) per byte (no carry: <= 0x7C); code 0 masked to 0;
-# the sign bit goes to bit 7.
+# 4 packed weight bytes -> 4 e4m3 of the low nibbles, 4 of the high nibbles: the e2m1 bits s e e m moved to
+# e4m3's s . . e e m . . is the same value times 2**-6 (0.5 lands on the subnormal 2**-7), so the expansion is
+# two masks and two shifts per half; the 2**6 goes to the epilogue.
 _ASM_EXPAND = tl.constexpr("""{
-.reg .b32 d8, e8, llo, lhi, mlo, mhi, x, y, sel, s, m, v;
-mov.b32 llo, 0x14100800;
-mov.b32 lhi, 0x24201C18;
-mov.b32 mlo, 0xFFFFFF00;
-mov.b32 mhi, 0xFFFFFFFF;
-shl.b32 d8, $3, 3;
-shl.b32 e8, $4, 3;
-and.b32 x, $2, 0x07070707;
-shr.b32 y, x, 4;
-or.b32 y, x, y;
-prmt.b32 sel, y, 0, 0x4420;
-prmt.b32 v, llo, lhi, sel;
-prmt.b32 m, mlo, mhi, sel;
-add.u32 v, v, d8;
-and.b32 v, v, m;
-shl.b32 s, $2, 4;
-and.b32 s, s, 0x80808080;
-or.b32 $0, v, s;
-shr.b32 x, $2, 4;
-and.b32 x, x, 0x07070707;
-shr.b32 y, x, 4;
-or.b32 y, x, y;
-prmt.b32 sel, y, 0, 0x4420;
-prmt.b32 v, llo, lhi, sel;
-prmt.b32 m, mlo, mhi, sel;
-add.u32 v, v, e8;
-and.b32 v, v, m;
-and.b32 s, $2, 0x80808080;
-or.b32 $1, v, s;
+.reg .b32 a, b;
+and.b32 a, $2, 0x07070707;
+shl.b32 a, a, 2;
+and.b32 b, $2, 0x08080808;
+shl.b32 b, b, 4;
+or.b32 $0, a, b;
+shr.b32 a, $2, 2;
+and.b32 a, a, 0x1C1C1C1C;
+and.b32 b, $2, 0x80808080;
+or.b32 $1, a, b;
 }""")
 
 
 @triton.jit
-def _nib_e4m3(n, d):
-    """e2m1 nibble (int32 0..15) times 2**d -> e4m3 bits (int32), exact for -5 <= d <= 6."""
-    i = n & 7
-    b = (i << 2) + 48 - tl.where(i == 1, 4, 0) + (d << 3)
-    return tl.where(i == 0, 0, b) | ((n & 8) << 4)
-
-
-@triton.jit
-def expand_weights(wb, d_lo, d_hi, USE_ASM: tl.constexpr):
-    """Packed bytes (uint8) and the group offsets of their low and high nibbles (int32, broadcastable to wb,
-    -5 <= d <= 6) -> (low, high) e4m3 tensors of wb's shape."""
+def expand_weights(wb, USE_ASM: tl.constexpr):
+    """Packed bytes (uint8) -> (low, high) nibbles as e4m3 = e2m1 value * 2**-6, exact, wb's shape."""
     if USE_ASM:
-        dl = tl.broadcast_to((d_lo + 5).to(tl.uint8), wb.shape)
-        dh = tl.broadcast_to((d_hi + 5).to(tl.uint8), wb.shape)
-        lo, hi = tl.inline_asm_elementwise(_ASM_EXPAND, "=r,=r,r,r,r", [wb, dl, dh],
-                                           dtype=(tl.float8e4nv, tl.float8e4nv), is_pure=True, pack=4)
+        lo, hi = tl.inline_asm_elementwise(_ASM_EXPAND, "=r,=r,r", [wb], dtype=(tl.float8e4nv, tl.float8e4nv),
+                                           is_pure=True, pack=4)
     else:
         b = wb.to(tl.int32)
-        lo = _nib_e4m3(b & 15, d_lo).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-        hi = _nib_e4m3(b >> 4, d_hi).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+        lo = (((b & 7) << 2) | ((b & 8) << 4)).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+        hi = (((b >> 2) & 0x1C) | (b & 0x80)).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
     return lo, hi
 
 
 @triton.jit
-def _epilogue(acc, out_ptr, wn, wmask, tk, tmask, rs_w, rs_a, gscale, bias_ptr, N, HAS_BIAS: tl.constexpr):
-    y = acc * rs_w[:, None] * rs_a[None, :]
+def _scale_of(sb):
+    """e8m0 byte (int32) -> 2**(b - 127) as fp32, NaN for 255."""
+    return tl.where(sb == 255, float("nan"), _pow2(sb - 127))
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, wn, wmask, tk, tmask, rs_a, gscale, bias_ptr, N, HAS_BIAS: tl.constexpr):
+    y = acc * rs_a[None, :]
     y = y * gscale
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + wn, mask=wmask, other=0.0).to(tl.float32)[:, None]
@@ -219,11 +189,14 @@ def _epilogue(acc, out_ptr, wn, wmask, tk, tmask, rs_w, rs_a, gscale, bias_ptr, 
 
 
 @triton.jit
-def _gemm_kernel(q_ptr, rs_a_ptr, w_ptr, ws_ptr, wexp_ptr, ga_ptr, gw_ptr, bias_ptr, out_ptr, M, N, K,
+def _gemm_kernel(q_ptr, rs_a_ptr, w_ptr, ws_ptr, ga_ptr, gw_ptr, bias_ptr, out_ptr, M, N, K,
                  HAS_BIAS: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
-                 USE_ASM: tl.constexpr, IMP_ACC: tl.constexpr, SPLIT: tl.constexpr):
+                 USE_ASM: tl.constexpr, SPLIT: tl.constexpr):
     """Swap-AB fp8 GEMM: weight rows on the MMA's M side (expanded from FP4 in registers), tokens on its N
-    side (e4m3 from smem). out[tok, n] = acc * 2**ref_w[n] * rs_a[tok] * ga * gw (+ bias).
+    side (e4m3 from smem). One k = 32 MMA per scale group; its sum is exact (32 products of one scale, all
+    multiples of 2**-8 in code units, at most 32 * 36), and the fp32 accumulator takes it times the group's
+    weight scale: acc += mma_g * 2**E_w(n, g) - one fp32 rounding per group, as an fp32 reference.
+    out[tok, n] = acc * 2**6 * rs_a[tok] * ga * gw (+ bias).
 
     SPLIT > 1: program axis 1 takes one K range and writes its fp32 partial (scales applied, no bias) to
     out_ptr + pid_k * M * N; :func:`_splitk_reduce_kernel` sums them in a fixed order."""
@@ -248,43 +221,39 @@ def _gemm_kernel(q_ptr, rs_a_ptr, w_ptr, ws_ptr, wexp_ptr, ga_ptr, gw_ptr, bias_
     per = tl.cdiv(n_ch, SPLIT)
     c_lo = pid_k * per
     c_hi = tl.minimum(c_lo + per, n_ch)
-    rexp = tl.load(wexp_ptr + wn, mask=wmask, other=0)
-    rexp = tl.where(rexp < 0, -rexp - 1, rexp)  # fallback rows: their slot is overwritten later
-    h2 = tl.arange(0, 2)
     c32 = tl.arange(0, 32)
-    c2 = tl.arange(0, 64)
-    # one chunk of 128 columns = 64 packed bytes as (BW, 2, 32): low nibbles -> groups 0, 1, high -> 2, 3
-    w_rows = w_ptr + wn64[:, None, None] * (K // 2) + (h2 * 32)[None, :, None] + c32[None, None, :]
-    s_rows = ws_ptr + wn64[:, None] * NB + h2[None, :]
-    q_rows = q_ptr + tk64[:, None] * K + c2[None, :]
+    # a chunk of 128 columns is 64 packed bytes: low nibbles of bytes 0..31 -> group 0, of 32..63 -> group 1,
+    # high nibbles -> groups 2 and 3
+    w_rows = w_ptr + wn64[:, None] * (K // 2) + c32[None, :]
+    s_rows = ws_ptr + wn64 * NB
+    q_rows = q_ptr + tk64[:, None] * K + c32[None, :]
     acc = tl.zeros((BW, BT), tl.float32)
     for ci in range(c_lo, c_hi):
         k0 = ci * 128
-        wb = tl.load(w_rows + k0 // 2, mask=wmask[:, None, None], other=0)
-        s_lo = tl.load(s_rows + k0 // 32, mask=wmask[:, None], other=0)
-        s_hi = tl.load(s_rows + (k0 // 32 + 2), mask=wmask[:, None], other=0)
-        d_lo = (s_lo.to(tl.int32) - rexp[:, None])[:, :, None]
-        d_hi = (s_hi.to(tl.int32) - rexp[:, None])[:, :, None]
-        lo, hi = expand_weights(wb, d_lo, d_hi, USE_ASM)
-        lo = tl.reshape(lo, (BW, 64))
-        hi = tl.reshape(hi, (BW, 64))
-        xe = tl.load(q_rows + k0, mask=tmask[:, None], other=0.0)
-        xo = tl.load(q_rows + (k0 + 64), mask=tmask[:, None], other=0.0)
-        if IMP_ACC >= 128:  # the chunk's 4 wgmma k-steps accumulate in the MMA, then one fp32 add
-            part = tl.dot(lo, tl.trans(xe))
-            part = tl.dot(hi, tl.trans(xo), part)
-            acc += part
-        else:
-            acc = tl.dot(lo, tl.trans(xe), acc, max_num_imprecise_acc=IMP_ACC)
-            acc = tl.dot(hi, tl.trans(xo), acc, max_num_imprecise_acc=IMP_ACC)
-    rs_w = _pow2(tl.maximum(rexp - 127, -149))
+        wa = tl.load(w_rows + k0 // 2, mask=wmask[:, None], other=0)
+        wb = tl.load(w_rows + (k0 // 2 + 32), mask=wmask[:, None], other=0)
+        s0 = _scale_of(tl.load(s_rows + k0 // 32, mask=wmask, other=127).to(tl.int32))
+        s1 = _scale_of(tl.load(s_rows + (k0 // 32 + 1), mask=wmask, other=127).to(tl.int32))
+        s2 = _scale_of(tl.load(s_rows + (k0 // 32 + 2), mask=wmask, other=127).to(tl.int32))
+        s3 = _scale_of(tl.load(s_rows + (k0 // 32 + 3), mask=wmask, other=127).to(tl.int32))
+        g0, g2 = expand_weights(wa, USE_ASM)
+        g1, g3 = expand_weights(wb, USE_ASM)
+        x0 = tl.load(q_rows + k0, mask=tmask[:, None], other=0.0)
+        x1 = tl.load(q_rows + (k0 + 32), mask=tmask[:, None], other=0.0)
+        x2 = tl.load(q_rows + (k0 + 64), mask=tmask[:, None], other=0.0)
+        x3 = tl.load(q_rows + (k0 + 96), mask=tmask[:, None], other=0.0)
+        acc += tl.dot(g0, tl.trans(x0)) * s0[:, None]
+        acc += tl.dot(g1, tl.trans(x1)) * s1[:, None]
+        acc += tl.dot(g2, tl.trans(x2)) * s2[:, None]
+        acc += tl.dot(g3, tl.trans(x3)) * s3[:, None]
+    acc = acc * 64.0
     rs_a = tl.load(rs_a_ptr + tk, mask=tmask, other=0.0)
     gscale = tl.load(ga_ptr) * tl.load(gw_ptr)
     if SPLIT == 1:
-        _epilogue(acc, out_ptr, wn, wmask, tk, tmask, rs_w, rs_a, gscale, bias_ptr, N, HAS_BIAS)
+        _epilogue(acc, out_ptr, wn, wmask, tk, tmask, rs_a, gscale, bias_ptr, N, HAS_BIAS)
     else:
         part = out_ptr + pid_k.to(tl.int64) * M * N
-        _epilogue(acc, part, wn, wmask, tk, tmask, rs_w, rs_a, gscale, bias_ptr, N, False)
+        _epilogue(acc, part, wn, wmask, tk, tmask, rs_a, gscale, bias_ptr, N, False)
 
 
 @triton.jit
@@ -308,71 +277,40 @@ def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, SPLIT: tl.constexpr
 
 
 @triton.jit
-def _fallback_tile(q_ptr, rs_a_ptr, asc_ptr, aflag_ptr, w_ptr, ws_ptr, tk, tmask, wn, wmask, K,
-                   BW: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr):
-    """Exact per-group sum: each 32-wide group product is exact in fp32 (codes x folded codes), scaled by
-    2**E_w(group) and the token side's group scale, accumulated in fp32 (the reference's own rounding)."""
-    NB = K // 32
-    c = tl.arange(0, 32)
-    wn64 = wn.to(tl.int64)
-    tk64 = tk.to(tl.int64)
-    aflag = tl.load(aflag_ptr + tk, mask=tmask, other=0)
-    rs_a = tl.load(rs_a_ptr + tk, mask=tmask, other=0.0)
-    acc = tl.zeros((BW, BT), tl.float32)
-    zero = tl.zeros((BW, 32), tl.int32)
-    for g in range(0, NB):
-        k0 = g * 32
-        gi = g % 4
-        # the group's 32 codes: bytes (gi % 2) * 32 .. + 32 of its chunk, low nibbles for gi < 2
-        wb = tl.load(w_ptr + wn64[:, None] * (K // 2) + ((g // 4) * 64 + (gi % 2) * 32 + c)[None, :],
-                     mask=wmask[:, None], other=0)
-        wb = ((wb.to(tl.int32) >> (4 * (gi // 2))) & 15).to(tl.uint8)
-        sw = tl.load(ws_ptr + wn64 * NB + g, mask=wmask, other=0).to(tl.int32)
-        lo, hi = expand_weights(wb, zero, zero, USE_ASM)  # bare codes (d = 0)
-        xa = tl.load(q_ptr + tk64[:, None] * K + (k0 + c)[None, :], mask=tmask[:, None], other=0.0)
-        p = tl.dot(lo.to(tl.float32), tl.trans(xa.to(tl.float32)), input_precision="ieee")
-        sa_b = tl.load(asc_ptr + tk64 * NB + g, mask=tmask, other=0).to(tl.int32)
-        sa = tl.where(aflag != 0, _pow2(tl.maximum(sa_b - 127, -149)), rs_a)
-        sa = tl.where(sa_b == 255, float("nan"), sa)
-        swv = tl.where(sw == 255, float("nan"), _pow2(tl.maximum(sw - 127, -149)))
-        acc += p * (swv[:, None] * sa[None, :])
-    return acc
-
-
-@triton.jit
-def _fallback_kernel(q_ptr, rs_a_ptr, asc_ptr, aflag_ptr, alist_ptr, count_ptr, w_ptr, ws_ptr, wlist_ptr, n_wlist,
-                     stats_ptr, ga_ptr, gw_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr,
-                     BW: tl.constexpr, BT: tl.constexpr, USE_ASM: tl.constexpr):
-    """Program p: listed token rows x weight tile p, then token tile p x listed weight rows. Returns at once
-    when both lists are empty."""
+def _fallback_kernel(q_ptr, rs_a_ptr, asc_ptr, aflag_ptr, alist_ptr, count_ptr, w_ptr, ws_ptr, ga_ptr, gw_ptr,
+                     bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr,
+                     USE_ASM: tl.constexpr):
+    """Activation rows whose exponent spread does not fold (listed by the quantize kernel) x weight tile p:
+    per group an exact fp32 dot of the bare codes (fp32 operands) times both group scales, accumulated in
+    fp32. Returns at once when the list is empty."""
     pid = tl.program_id(0)
-    if pid == 0:
-        tl.atomic_add(stats_ptr + 2, n_wlist)
-        tl.atomic_add(stats_ptr + 3, N)
-    gscale = tl.load(ga_ptr) * tl.load(gw_ptr)
-    one_w = tl.full((BW,), 1.0, tl.float32)
-    one_t = tl.full((BT,), 1.0, tl.float32)
     n_tok = tl.load(count_ptr)
-    wn = pid * BW + tl.arange(0, BW)
-    wmask = wn < N
-    n_here = tl.where(pid * BW < N, n_tok, 0)
-    for c0 in range(0, n_here, BT):
-        i = c0 + tl.arange(0, BT)
-        tmask = i < n_tok
-        tk = tl.load(alist_ptr + i, mask=tmask, other=0)
-        acc = _fallback_tile(q_ptr, rs_a_ptr, asc_ptr, aflag_ptr, w_ptr, ws_ptr, tk, tmask, wn, wmask, K,
-                             BW, BT, USE_ASM)
-        _epilogue(acc, out_ptr, wn, wmask, tk, tmask, one_w, one_t, gscale, bias_ptr, N, HAS_BIAS)
-    tk2 = pid * BT + tl.arange(0, BT)
-    tmask2 = tk2 < M
-    nw_here = tl.where(pid * BT < M, n_wlist, 0)
-    for c0 in range(0, nw_here, BW):
-        i = c0 + tl.arange(0, BW)
-        wmask2 = i < n_wlist
-        wn2 = tl.load(wlist_ptr + i, mask=wmask2, other=0)
-        acc = _fallback_tile(q_ptr, rs_a_ptr, asc_ptr, aflag_ptr, w_ptr, ws_ptr, tk2, tmask2, wn2, wmask2, K,
-                             BW, BT, USE_ASM)
-        _epilogue(acc, out_ptr, wn2, wmask2, tk2, tmask2, one_w, one_t, gscale, bias_ptr, N, HAS_BIAS)
+    if n_tok > 0:
+        gscale = tl.load(ga_ptr) * tl.load(gw_ptr)
+        one_t = tl.full((BT,), 1.0, tl.float32)
+        wn = pid * BW + tl.arange(0, BW)
+        wmask = wn < N
+        wn64 = wn.to(tl.int64)
+        NB = K // 32
+        c = tl.arange(0, 32)
+        for c0 in range(0, n_tok, BT):
+            i = c0 + tl.arange(0, BT)
+            tmask = i < n_tok
+            tk = tl.load(alist_ptr + i, mask=tmask, other=0)
+            tk64 = tk.to(tl.int64)
+            acc = tl.zeros((BW, BT), tl.float32)
+            for g in range(0, NB):
+                gi = g % 4
+                wb = tl.load(w_ptr + wn64[:, None] * (K // 2) + ((g // 4) * 64 + (gi % 2) * 32 + c)[None, :],
+                             mask=wmask[:, None], other=0)
+                lo, hi = expand_weights(wb, USE_ASM)
+                wv = tl.where(gi < 2, lo.to(tl.float32), hi.to(tl.float32)) * 64.0
+                xa = tl.load(q_ptr + tk64[:, None] * K + (g * 32 + c)[None, :], mask=tmask[:, None], other=0.0)
+                p = tl.dot(wv, tl.trans(xa.to(tl.float32)), input_precision="ieee")
+                sw = _scale_of(tl.load(ws_ptr + wn64 * NB + g, mask=wmask, other=127).to(tl.int32))
+                sa = _scale_of(tl.load(asc_ptr + tk64 * NB + g, mask=tmask, other=127).to(tl.int32))
+                acc += p * (sw[:, None] * sa[None, :])
+            _epilogue(acc, out_ptr, wn, wmask, tk, tmask, one_t, gscale, bias_ptr, N, HAS_BIAS)
 
 
 @triton.jit

@@ -2,13 +2,13 @@
 
 Public API (same semantics as :func:`wush_compile.ops.reference.linear_ref` for MXFP4):
 
-* :func:`prepare_weights` - once per layer (load time): the weight codes repacked into the fp8core layout
-  (:func:`pack_weights`) and per weight row the reference exponent byte (:func:`weight_row_exponents`; a
-  negative entry marks a row whose exponent spread does not fold: exact fallback).
+* :func:`pack_weights` - once per layer (load time): the weight codes repacked so that each 32-column scale
+  group is one contiguous run of low or high nibbles (same size; :func:`unpack_weights` inverts it).
 * :func:`quantize_act_fp8` - blockwise transform + MXFP4 quantize + row fold ->
-  (e4m3 (M, K), fp32 row scales (M,), e8m0 scale bytes (M, K/32), wide-row flags).
-* :func:`gemm` - the swap-AB fp8 GEMM on those operands (+ the exact fallback launch); it reads the packed
-  FP4 codes and expands them to e4m3 in registers (no e4m3 weight copy in memory).
+  (e4m3 (M, K), fp32 row scales (M,), e8m0 scale bytes (M, K/32), wide-row state).
+* :func:`gemm` - the swap-AB fp8 GEMM on those operands (+ the exact fallback launch for activation rows
+  whose exponent spread does not fold); it reads the packed FP4 codes and expands them to e4m3 in registers
+  (no e4m3 weight copy in memory), one fp8 MMA per scale group, each group's sum scaled into fp32.
 * :func:`linear` - both.
 * :func:`tiles_for` - the pure tile heuristic (frozen :class:`Fp8Tiles`); :func:`fallback_stats` - counters.
 
@@ -19,19 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import weakref
 
 import torch
 
 from .. import formats, settings
 
-__all__ = ["Fp8Tiles", "tiles_for", "weight_row_exponents", "quantize_act_fp8", "gemm", "linear",
-           "fallback_stats", "act_split_for", "W_SPREAD_MAX", "A_SPREAD_MAX", "pack_weights", "unpack_weights",
-           "prepare_weights"]
+__all__ = ["Fp8Tiles", "tiles_for", "quantize_act_fp8", "gemm", "linear",
+           "fallback_stats", "act_split_for", "A_SPREAD_MAX", "pack_weights", "unpack_weights"]
 
-#: Widest exponent spread (max - min group exponent) per row that folds: weights (integer expansion keeps
-#: e4m3 normal, d >= -5) and activations (fp32 -> e4m3 cast, subnormals included, d >= -8).
-W_SPREAD_MAX = 11
+#: Widest exponent spread (max - min group exponent) of an activation row that folds into e4m3 with one row
+#: scale (fp32 -> e4m3 cast, subnormals included, d >= -8); wider rows take the exact fallback.
 A_SPREAD_MAX = 14
 CHUNK = 128
 
@@ -50,17 +47,14 @@ def _interpreting() -> bool:
 @dataclasses.dataclass(frozen=True)
 class Fp8Tiles:
     """GEMM tiles: weight rows per program (MMA M), tokens per program (MMA N), grouped order, warps,
-    pipeline stages, the PTX expansion (else integer ops), K per imprecise wgmma accumulation before fp32
-    promotion, and the number of K ranges (split-K, fp32 partials summed in a fixed order)."""
+    pipeline stages, the PTX expansion (else integer ops), and the number of K ranges (split-K, fp32
+    partials summed in a fixed order)."""
 
     def __post_init__(self):
         for name in ("block_w", "block_t"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"Fp8Tiles.{name} must be a power of two >= 16, got {v}")
-        if self.imprecise_acc not in (32, 64, 128):
-            raise ValueError(f"Fp8Tiles.imprecise_acc must be 32 or 64 (K per wgmma accumulation before an fp32 "
-                             f"add) or 128 (one fp32 add per 128-column chunk), got {self.imprecise_acc}")
         if self.split_k < 1:
             raise ValueError(f"Fp8Tiles.split_k must be >= 1, got {self.split_k}")
 
@@ -70,43 +64,22 @@ class Fp8Tiles:
     num_warps: int = 4
     num_stages: int = 3
     use_asm: bool = True
-    imprecise_acc: int = 32
     split_k: int = 1
 
 
 def tiles_for(m: int, n: int, k: int) -> Fp8Tiles:
-    """Pure heuristic. Tokens per tile: the smallest power of two >= M up to 128, 256 above 1024."""
+    """Pure heuristic from the H100 sweep (benchmarks/RESULTS.md, fp8core): 64 weight rows per program below
+    2048 tokens, tokens per program the power of two >= M up to 128, split-K while the grid is small."""
     bt = 16
     while bt < min(m, 128):
         bt *= 2
-    if m > 1024:
-        bt = 256
-    bw = 64 if (m <= 64 and n <= 8192) else 128
-    warps = 8 if bt >= 256 else 4
-    return Fp8Tiles(block_w=bw, block_t=bt, num_warps=warps, num_stages=3 if bt >= 256 else 4)
-
-
-def weight_row_exponents(scales: torch.Tensor, codes: torch.Tensor | None = None,
-                         spread_max: int = W_SPREAD_MAX) -> torch.Tensor:
-    """(N, K/32) e8m0 bytes -> (N,) int32: the row's reference exponent byte ref = max byte - 6 (>= 0), or
-    ``-1 - ref`` where the row does not fold exactly (a group with nonzero codes more than ``spread_max``
-    binades below the row max, or a NaN scale): those rows take the exact fallback.
-
-    Without ``codes`` every group with a nonzero scale byte counts as nonzero (conservative)."""
-    if scales.dtype != torch.uint8 or scales.dim() != 2:
-        raise TypeError(f"weight_row_exponents expects (N, K/32) uint8 scale bytes, got {scales.dtype} {tuple(scales.shape)}")
-    s = scales.to(torch.int32)
-    nan = s == formats.E8M0_NAN
-    vmax = torch.where(nan, torch.zeros_like(s), s).amax(dim=1)
-    if codes is not None:
-        c = formats.unpack_fp4(codes).reshape(s.shape[0], s.shape[1], -1)
-        nz = ((c & 7) != 0).any(dim=-1)
-    else:
-        nz = s > 0
-    vmin = torch.where(nz & ~nan, s, torch.full_like(s, 255)).amin(dim=1)
-    ref = torch.clamp(vmax - 6, min=0)
-    bad = ((vmax - vmin) > spread_max) & (vmin < 255) | nan.any(dim=1)
-    return torch.where(bad, -1 - ref, ref).to(torch.int32)
+    if m >= 2048:
+        return Fp8Tiles(block_w=128, block_t=128, num_warps=8)
+    programs = triton_cdiv(n, 64) * triton_cdiv(m, bt)
+    split = 1
+    while programs * split < 264 and split < 8 and k // CHUNK >= 8 * split:
+        split *= 2
+    return Fp8Tiles(block_w=64, block_t=bt, split_k=split)
 
 
 def pack_weights(codes: torch.Tensor) -> torch.Tensor:
@@ -128,20 +101,14 @@ def unpack_weights(packed: torch.Tensor) -> torch.Tensor:
     return formats.pack_fp4(c)
 
 
-def prepare_weights(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Once per layer: (fp8core-packed codes, row reference exponents) for :func:`gemm` / :func:`linear`."""
-    return pack_weights(codes), weight_row_exponents(scales, codes)
-
-
 _STATS: dict = {}
-_WLISTS: dict = {}
 
 
 def _stats(device) -> torch.Tensor:
     key = str(device)
     t = _STATS.get(key)
     if t is None:
-        t = torch.zeros(4, dtype=torch.int32, device=device)
+        t = torch.zeros(2, dtype=torch.int32, device=device)
         _STATS[key] = t
     return t
 
@@ -153,32 +120,17 @@ def _mx_gs(device) -> torch.Tensor:
 
 
 def fallback_stats(device=None, reset: bool = False) -> dict:
-    """Rows sent to the exact fallback since the last reset: act_rows_fallback, act_rows, weight_rows_fallback,
-    weight_rows (counted on the device)."""
+    """Activation rows sent to the exact fallback since the last reset (act_rows_fallback) out of act_rows,
+    counted on the device."""
     out = {}
     for key, t in list(_STATS.items()):
         if device is not None and key != str(torch.device(device)):
             continue
         v = t.tolist()
-        out[key] = {"act_rows_fallback": v[0], "act_rows": v[1], "weight_rows_fallback": v[2], "weight_rows": v[3]}
+        out[key] = {"act_rows_fallback": v[0], "act_rows": v[1]}
         if reset:
             t.zero_()
     return out
-
-
-def _weight_list(w_row_exp: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Rows of w_row_exp < 0 as a device int32 list, cached per tensor and version (one sync per value)."""
-    hit = _WLISTS.get(id(w_row_exp))
-    if hit is not None and hit[0]() is w_row_exp and hit[1] == w_row_exp._version:
-        return hit[2], hit[3]
-    rows = torch.nonzero(w_row_exp < 0).flatten().to(torch.int32)
-    n = int(rows.numel())
-    if n == 0:
-        rows = torch.zeros(1, dtype=torch.int32, device=w_row_exp.device)
-    if len(_WLISTS) > 4096:
-        _WLISTS.clear()
-    _WLISTS[id(w_row_exp)] = (weakref.ref(w_row_exp), w_row_exp._version, rows, n)
-    return rows, n
 
 
 def _check(x, transform):
@@ -250,17 +202,16 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def gemm(q, row_scale, a_scales, state, w_packed, w_scales, w_row_exp, w_global_scale, bias=None,
+def gemm(q, row_scale, a_scales, state, w_packed, w_scales, w_global_scale, bias=None,
          out_dtype=torch.bfloat16, tiles: Fp8Tiles | None = None) -> torch.Tensor:
-    """out (M, N) = A @ W^T * global scales (+ bias) from quantize_act_fp8's outputs and the weights from
-    :func:`prepare_weights` (codes in the fp8core packing)."""
-    w_codes = w_packed
+    """out (M, N) = A @ W^T * global scales (+ bias) from :func:`quantize_act_fp8`'s outputs and the weights
+    (codes from :func:`pack_weights`, canonical e8m0 scale bytes)."""
     k = _k()
     m, kk = q.shape
-    n = w_codes.shape[0]
-    if tuple(w_codes.shape) != (n, kk // 2) or tuple(w_scales.shape) != (n, kk // 32):
-        raise ValueError(f"weights must be codes {(n, kk // 2)} and scales {(n, kk // 32)} for K={kk}, got "
-                         f"{tuple(w_codes.shape)} and {tuple(w_scales.shape)}")
+    n = w_packed.shape[0]
+    if tuple(w_packed.shape) != (n, kk // 2) or tuple(w_scales.shape) != (n, kk // 32):
+        raise ValueError(f"weights must be packed codes {(n, kk // 2)} and scales {(n, kk // 32)} for K={kk}, got "
+                         f"{tuple(w_packed.shape)} and {tuple(w_scales.shape)}")
     cfg = tiles or tiles_for(m, n, kk)
     use_asm = cfg.use_asm and not _interpreting() and q.device.type == "cuda"
     out = torch.empty((m, n), dtype=out_dtype, device=q.device)
@@ -272,36 +223,31 @@ def gemm(q, row_scale, a_scales, state, w_packed, w_scales, w_row_exp, w_global_
     grid = (triton_cdiv(n, cfg.block_w) * triton_cdiv(m, cfg.block_t), split)
     dst = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=q.device)
     k._gemm_kernel[grid](
-        qb, row_scale, w_codes, w_scales, w_row_exp, ga, gw, bias_arg, dst, m, n, kk,
+        qb, row_scale, w_packed, w_scales, ga, gw, bias_arg, dst, m, n, kk,
         HAS_BIAS=bias is not None, BW=cfg.block_w, BT=cfg.block_t, GROUP=cfg.group, USE_ASM=use_asm,
-        IMP_ACC=cfg.imprecise_acc, SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
         blk = 1024
         k._splitk_reduce_kernel[(triton_cdiv(m * n, blk),)](
             dst, bias_arg, out, m, n, SPLIT=split, HAS_BIAS=bias is not None, BLOCK=blk, num_warps=4,
         )
-    wlist, n_w = _weight_list(w_row_exp)
-    bw, bt = 64, 16
-    k._fallback_kernel[(max(triton_cdiv(n, bw), triton_cdiv(m, bt)),)](
-        qb, row_scale, a_scales, state[2 : 2 + m], state[2 + m :], state[0:1], w_codes, w_scales, wlist, n_w,
-        _stats(q.device), ga, gw, bias_arg, out, m, n, kk, HAS_BIAS=bias is not None, BW=bw, BT=bt, USE_ASM=use_asm, num_warps=4,
+    bw = 64
+    k._fallback_kernel[(triton_cdiv(n, bw),)](
+        qb, row_scale, a_scales, state[2 : 2 + m], state[2 + m :], state[0:1], w_packed, w_scales,
+        ga, gw, bias_arg, out, m, n, kk, HAS_BIAS=bias is not None, BW=bw, BT=16, USE_ASM=use_asm, num_warps=4,
     )
     return out
 
 
-def linear(x, w_packed, w_scales, w_row_exp, transform, w_global_scale, bias=None,
-           tiles: Fp8Tiles | None = None) -> torch.Tensor:
-    """MXFP4 W4A4 linear on x (..., K) -> (..., N) in x's dtype (reference.linear_ref semantics); weights
-    from :func:`prepare_weights`."""
+def linear(x, w_packed, w_scales, transform, w_global_scale, bias=None, tiles: Fp8Tiles | None = None) -> torch.Tensor:
+    """MXFP4 W4A4 linear on x (..., K) -> (..., N) in x's dtype (reference.linear_ref semantics); weight codes
+    from :func:`pack_weights`."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     n = w_packed.shape[0]
     if x2.shape[0] == 0:
         return x.new_empty((*lead, n))
-    if w_row_exp is None:
-        raise ValueError("fp8core.linear needs the row exponents: (w_packed, w_row_exp) = prepare_weights(codes, scales)")
     q, rs, sc, state = quantize_act_fp8(x2, transform)
-    y = gemm(q, rs, sc, state, w_packed.contiguous(), w_scales.contiguous(), w_row_exp, w_global_scale, bias,
-             x.dtype, tiles)
+    y = gemm(q, rs, sc, state, w_packed.contiguous(), w_scales.contiguous(), w_global_scale, bias, x.dtype, tiles)
     return y.reshape(*lead, n)
