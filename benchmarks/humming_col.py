@@ -23,7 +23,8 @@ Where this is exact and where not (see ``HummingWeights.notes``):
 Activations in w4a8 are quantized by humming (fp8 e4m3), so its error vs the exact product is fp8's.
 
 Run-time compilation: humming ships no GEMM binaries. The first call per layer shape compiles its kernels
-(one per M range of its heuristic, all on that first call, in parallel threads) with NVRTC, through its own
+(its heuristic's choice for every M range, 25-40 distinct ones per path and shape, all on that first call,
+in parallel; ``prepare(ms=...)`` cuts that to the ranges of the M one will run) with NVRTC, through its own
 precompiled ``nvrtc_compile`` helper (``HUMMING_COMPILER=nvcc`` switches to nvcc), and caches cubins under
 ``HUMMING_CACHE_DIR`` (default ~/.humming/cache). It needs a CUDA toolkit of torch's CUDA major (headers
 incl. CCCL + libnvrtc) under /usr/local/cuda*, ``CUDA_HOME``/``CUDA_PATH`` or pip's ``nvidia/cu13``; no
@@ -36,6 +37,7 @@ Usage: ``PYTHONPATH=.:/tmp/site python3 benchmarks/humming_col.py`` (from the re
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import torch
 
@@ -54,6 +56,8 @@ class _Path:
     config: object  # humming.config.LayerConfig
     tensors: dict  # humming's repacked weight, weight_scale, weight_scale_2
     locks: torch.Tensor  # stream-K scratch, zeroed, one per layer as humming's HummingLayer keeps it
+    tuning: str | None  # humming's own heuristic configs cut to the M ranges asked for; None = all of them
+    m_ranges: tuple[tuple[int, int], ...] | None  # (lo, hi]: the M that tuning covers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +125,17 @@ def _w4a8_notes(codes, scales, gs) -> list[str]:
     return notes
 
 
-def _make_path(codes, scales, gs, n, k, a8: bool, a8_group: int) -> _Path:
+def _heuristic_subset(config, ms, device) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """humming's default per-M-range kernel choice, kept only for the ranges holding M = 1 (its launcher reads
+    that one for every call) or an M of ``ms``: the same kernels it would run, far fewer to compile."""
+    from humming.tune import get_heuristics_config
+
+    intervals = get_heuristics_config(config, device=device)  # [[lo, hi, tuning], ...], M in (lo, hi]
+    keep = [iv for iv in intervals if any(iv[0] < m <= iv[1] for m in (1, *ms))]
+    return json.dumps(keep), tuple((int(lo), int(hi)) for lo, hi, _ in keep)
+
+
+def _make_path(codes, scales, gs, n, k, a8: bool, a8_group: int, ms) -> _Path:
     from humming import dtypes
     from humming.config import WeightScale2Type
     from humming.schema import HummingInputSchema, HummingWeightSchema, is_humming_schema_compatible
@@ -144,16 +158,20 @@ def _make_path(codes, scales, gs, n, k, a8: bool, a8_group: int) -> _Path:
         if config.weight_scale_2_type == WeightScale2Type.CHANNEL:  # humming wants a per-row scale in bf16 here
             tensors["weight_scale_2"] = tensors["weight_scale_2"].to(torch.bfloat16)
         out = transform_humming_tensors(config, tensors)
+        tuning, m_ranges = _heuristic_subset(config, ms, codes.device) if ms else (None, None)
     locks = torch.zeros(2048, dtype=torch.int32, device=codes.device)
-    return _Path(config=config, tensors=out, locks=locks)
+    return _Path(config=config, tensors=out, locks=locks, tuning=tuning, m_ranges=m_ranges)
 
 
 def prepare(codes: torch.Tensor, scales: torch.Tensor, w_global_scale: torch.Tensor, n: int, k: int, *,
-            paths: tuple[str, ...] = ("w4a8", "w4a16"), a8_group: int = 0, warm: bool = True) -> HummingWeights:
+            paths: tuple[str, ...] = ("w4a8", "w4a16"), a8_group: int = 0, ms: tuple[int, ...] | None = None,
+            warm: bool = True) -> HummingWeights:
     """humming's repacked copies of our MXFP4 weight (see the module docstring for what is exact).
 
     ``a8_group``: humming's activation-scale granularity for w4a8 (0 = per token, 128 = per 128 columns).
-    ``warm``: run each path once on one row, which compiles all of humming's kernels for this shape."""
+    ``ms``: the M values that will be run; humming then compiles only the kernels its heuristic picks for
+    them (default None: all of its M ranges, some 25-40 kernels per path and layer shape).
+    ``warm``: run each path once on one row, which compiles all those kernels now."""
     _check_weights(codes, scales, w_global_scale, n, k)
     if a8_group not in _A8_GROUPS:
         raise ValueError(f"a8_group must be one of {_A8_GROUPS} (0 = per token), got {a8_group}")
@@ -162,11 +180,13 @@ def prepare(codes: torch.Tensor, scales: torch.Tensor, w_global_scale: torch.Ten
     bad = set(paths) - {"w4a8", "w4a16"}
     if bad:
         raise ValueError(f"unknown paths {sorted(bad)}; choose from ('w4a8', 'w4a16')")
+    if ms is not None and not all(isinstance(m, int) and m >= 1 for m in ms):
+        raise ValueError(f"ms must be positive ints, got {ms}")
     gs = torch.as_tensor(w_global_scale, dtype=torch.float32).reshape(())
     prep = HummingWeights(
         n=n, k=k,
-        w4a8=_make_path(codes, scales, gs, n, k, True, a8_group) if "w4a8" in paths else None,
-        w4a16=_make_path(codes, scales, gs, n, k, False, 0) if "w4a16" in paths else None,
+        w4a8=_make_path(codes, scales, gs, n, k, True, a8_group, ms) if "w4a8" in paths else None,
+        w4a16=_make_path(codes, scales, gs, n, k, False, 0, ms) if "w4a16" in paths else None,
         notes=tuple(_w4a8_notes(codes, scales, gs)) if "w4a8" in paths else ())
     if warm:
         x = torch.ones(1, k, dtype=torch.bfloat16, device=codes.device)
@@ -185,9 +205,14 @@ def _run(path: _Path | None, name: str, prep: HummingWeights, x: torch.Tensor) -
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != prep.k or not x.is_cuda:
         raise ValueError(f"{name}: x must be a (M, {prep.k}) bf16 CUDA tensor, got {tuple(x.shape)} {x.dtype} "
                          f"on {x.device}")
+    m = x.shape[0]
+    if path.m_ranges is not None and not any(lo < m <= hi for lo, hi in path.m_ranges):
+        raise ValueError(f"{name}: M={m} is outside the M ranges compiled by prepare(ms=...) {path.m_ranges}; "
+                         f"add {m} to ms")
     t = path.tensors
     return humming_forward(path.config, inputs=x.contiguous(), weight=t["weight"], weight_scale=t["weight_scale"],
-                           weight_scale_2=t.get("weight_scale_2"), locks=path.locks)  # (M, N) bf16
+                           weight_scale_2=t.get("weight_scale_2"), locks=path.locks,
+                           tuning_config=path.tuning)  # (M, N) bf16
 
 
 def w4a8(prep: HummingWeights, x: torch.Tensor) -> torch.Tensor:
@@ -227,7 +252,7 @@ def selfcheck(n: int = 256, k: int = 1024, m: int = 37, seed: int = 0) -> dict[s
         w = torch.randn(n, k, generator=gen, device=dev) * 0.02 * scale
         codes, scales, gs = formats.quantize(w, "mxfp4")
         wq = formats.dequantize(codes, scales, gs, "mxfp4").double()  # (N, K)
-        prep = prepare(codes, scales, gs, n, k)
+        prep = prepare(codes, scales, gs, n, k, ms=(m,))
         ref = x.double() @ wq.t()
         got = {"w4a16": _rel(w4a16(prep, x), ref), "w4a8": _rel(w4a8(prep, x), ref),
                "w4a8_vs_fp8x": _rel(w4a8(prep, x), _fp8_token_emulation(x) @ wq.t())}
