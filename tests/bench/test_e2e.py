@@ -138,3 +138,26 @@ def test_shared_transform_random_model_is_grouped():
     report = explain(model, torch.randint(0, 500, (1, 8)))
     assert report.rewritten == n
     assert len({r.group for r in report.rows if r.group}) == 2 * 2  # q/k/v and gate/up per layer
+
+
+def test_variants_subset_and_merge(tmp_path):
+    """Variants split over two runs (each measures only its own) merge into one result with both ratios."""
+    with pytest.raises(ValueError, match="unknown variant"):
+        e2e.E2ESettings(models=("tiny",), variants=("bf16", "int8"))
+    base = dict(models=("tiny",), prompt_len=8, new_tokens=2, batches=(1,))
+    a = e2e.run(e2e.E2ESettings(**base, variants=("bf16", "fp8")), out_dir=tmp_path / "a", log=lambda _: None)
+    (ra,) = a["results"]
+    assert "bf16" in ra and "fp8" in ra and "wush" not in ra and "ratios" not in ra
+    e2e.run(e2e.E2ESettings(**base, variants=("wush",)), out_dir=tmp_path / "b", log=lambda _: None)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import e2e_merge
+    finally:
+        sys.path.pop(0)
+    m = e2e_merge.merge([tmp_path / "a" / "e2e.json", tmp_path / "b" / "e2e.json"])
+    (r,) = m["results"]
+    assert set(r["ratios"]) == {"prefill_tok_s", "decode_b1_tok_s", "model_bytes"}
+    assert r["ratios"]["decode_b1_tok_s"] == r["wush"]["decode_b1_tok_s"] / r["bf16"]["decode_b1_tok_s"]
+    assert "ratios_vs_fp8" in r
+    with pytest.raises(SystemExit, match="measured twice"):
+        e2e_merge.merge([tmp_path / "a" / "e2e.json", tmp_path / "a" / "e2e.json"])

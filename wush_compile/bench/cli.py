@@ -35,6 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--fmt", action="append", default=None, choices=["mxfp4", "nvfp4"], help="formats (default both)")
     p.add_argument("--no-fp8", action="store_true",
                    help="--e2e: skip the fp8 W8A8 baseline (measured by default in the same run)")
+    p.add_argument("--variants", default=None,
+                   help="--e2e random models: comma-separated subset of bf16,fp8,wush to measure (default all); "
+                        "lets one model's variants be split over several runs when compile time is long")
     p.add_argument("--sweep", action="store_true", help="first time the decode tile candidates (layers.SWEEP)")
     p.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for JSON + PNG (default out/bench)")
     p.set_defaults(func=_run)
@@ -56,7 +59,8 @@ def _run(args: argparse.Namespace) -> int:
             models=tuple(args.model or e2e.E2ESettings.models), fmt=(args.fmt or ["mxfp4"])[0],
             prompt_len=args.prompt_len, new_tokens=args.new_tokens, batches=tuple(args.batch or e2e.E2ESettings.batches), fp8=not args.no_fp8,
             profile=args.profile, also_cuda_decode=args.also_cuda_decode,
-            shared_transform=args.shared_transform)
+            shared_transform=args.shared_transform,
+            variants=tuple(v.strip() for v in args.variants.split(",")) if args.variants else e2e.E2ESettings.variants)
         e2e.run(settings, out_dir=args.out, log=print)
         if not args.layers:
             return 0

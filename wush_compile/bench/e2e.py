@@ -68,9 +68,14 @@ class E2ESettings:
     also_cuda_decode: bool = False
     # the fp8 W8A8 baseline (what a user would pick instead), measured in the same run (GPU: needs sm_89+)
     fp8: bool = True
+    # which variants the random models measure (a subset splits one model over several runs)
+    variants: tuple[str, ...] = ("bf16", "fp8", "wush")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", Format.parse(self.fmt))
+        bad = [v for v in self.variants if v not in ("bf16", "fp8", "wush")] or ([] if self.variants else ["(none)"])
+        if bad:
+            raise ValueError(f"e2e: unknown variant(s) {bad}; choose a non-empty subset of bf16, fp8, wush")
         unknown = [m for m in self.models if m not in (*SHAPES, "smollm2", "tiny") and not _is_checkpoint(m)]
         if unknown:
             raise ValueError(
@@ -403,11 +408,18 @@ def run_model(name: str, s: E2ESettings, device, out: dict | None = None,
         model = _random_llama(device, dtype, s.layers, name)
         vocab = model.config.vocab_size
         out["note"] = "random weights, RTN with random Hessians: speed only, outputs are meaningless"
-        out["bf16"] = measure(model, "inductor", s, vocab, device, "bf16")
-        checkpoint()
-        _release_compiled()
-        _measure_fp8(model, s, vocab, device, out)
-        checkpoint()
+        if "bf16" in s.variants:
+            out["bf16"] = measure(model, "inductor", s, vocab, device, "bf16")
+            checkpoint()
+            _release_compiled()
+        if "fp8" in s.variants:
+            _measure_fp8(model, s, vocab, device, out)
+            checkpoint()
+        if "wush" not in s.variants:
+            del model
+            gc.collect()
+            torch.cuda.empty_cache() if on_gpu else None
+            return out
         cfg = WushConfig(format=s.fmt, method=Method.RTN, transform=TransformKind.WUSH,
                          shared_transform=s.shared_transform)
         t0 = time.perf_counter()
