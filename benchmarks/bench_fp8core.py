@@ -107,10 +107,11 @@ def main(out: Path):
                 return kernels.linear(x, L["codes"], L["scales"], L["t"], L["gs"], ags, None, "mxfp4", today)
 
             base = fp8core.tiles_for(m, n, k)
-            cfgs = {"ours": base, "ours_portable": fp8core.Fp8Tiles(**{**base.__dict__, "use_asm": False})}
-            if m > 16:
-                bt2 = 128 if base.block_t != 128 else 64
-                cfgs["ours_bt%d" % bt2] = fp8core.Fp8Tiles(**{**base.__dict__, "block_t": bt2, "num_warps": 4})
+            # the heuristic's tiles and one neighbour (4 warps instead of 8 at large M, else twice the split-K)
+            alt = ({**base.__dict__, "num_warps": 4} if m >= 2048 else
+                   {**base.__dict__, "split_k": base.split_k * 2} if base.split_k > 1 else
+                   {**base.__dict__, "block_w": 128})
+            cfgs = {"ours": base, "ours_alt": fp8core.Fp8Tiles(**alt)}
             routes = {"bf16": r_bf16, "fp8_gemm": r_fp8, "fp8_w8a8": r_fp8q, "today": r_today}
             for cn, cfg in cfgs.items():
                 routes[cn] = (lambda c: (lambda i: fp8core.linear(x, Ls[i]["packed"], Ls[i]["scales"],

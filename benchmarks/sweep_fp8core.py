@@ -102,7 +102,7 @@ def main(out: Path, budget: float):
     gen = torch.Generator(device=DEV).manual_seed(0)
     ags = torch.tensor(formats.MXFP4_GLOBAL_SCALE, device=DEV)
     rows, act_rows = [], []
-    ms = [int(v) for v in sys.argv[3].split(",")] if len(sys.argv) > 3 and sys.argv[3] != "--act" else list(CFGS)
+    ms = [int(v) for v in sys.argv[3].split(",")] if len(sys.argv) > 3 and not sys.argv[3].startswith("--") else list(CFGS)
     st = stress_precision(gen)
     print("stress precision (max row rel err vs fp64)", st, flush=True)
     ps = ptx_stats(out)
@@ -128,7 +128,7 @@ def main(out: Path, budget: float):
             del xs
     (out / "sweep_act.json").write_text(json.dumps({**info, "rows": act_rows}, indent=1))
     for name, (n, k) in LAYERS.items():
-        if name == "70b_down":
+        if name == "70b_down" or "--no-tiles" in sys.argv:
             continue
         copies = max(2, min(6, math.ceil(240e6 / (n * k * 2))))
         Ls = [make(n, k, gen) for _ in range(copies)]
