@@ -104,8 +104,9 @@ def _check_weights(codes, scales, w_global_scale, n, k) -> None:
         raise ValueError(f"humming's weight repack needs N % 64 == 0 and K % 64 == 0, got N={n}, K={k}; pad the layer")
     if not (codes.is_cuda and scales.device == codes.device):
         raise ValueError(f"codes and scales must be on one CUDA device, got {codes.device} and {scales.device}")
+    gs_shape = tuple(torch.as_tensor(w_global_scale).shape)
     if torch.as_tensor(w_global_scale).numel() != 1:
-        raise ValueError(f"w_global_scale must hold one value, got shape {tuple(torch.as_tensor(w_global_scale).shape)}")
+        raise ValueError(f"w_global_scale must hold one value, got shape {gs_shape}")
     if bool((scales == formats.E8M0_NAN).any()):
         raise ValueError("scale byte 255 (NaN) has no humming encoding; such groups cannot be benchmarked")
 
