@@ -21,7 +21,8 @@ from typing import Any, Union
 import torch
 
 from .. import settings
-from . import builder, layout, loader  # noqa: F401
+from . import builder, decode, layout, loader  # noqa: F401
+from . import ops
 from .ops import fp4_gemm, fp8_gemm, linear, transform_quantize  # noqa: F401  (registers wush::cutlass_*)
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,6 @@ def _as_device(device: Union[torch.device, str, int, None]) -> torch.device:
 
 
 def _check(device: torch.device, archs: tuple[str, ...], what: str) -> tuple[bool, str]:
-    if settings.cutlass_disabled():
-        return False, "the CUTLASS cubin path is disabled by WUSH_DISABLE_CUTLASS"
     if device.type != "cuda":
         return False, f"{device} is not a CUDA device"
     if not torch.cuda.is_available():
@@ -91,6 +90,8 @@ def available(device: Union[torch.device, str, int, None] = None) -> tuple[bool,
     Cheap and cached per device; it never builds. True means: capability 10.0 (sm_100a) or 12.0 (sm_120a),
     cuda-python drives the GPU, and the cubins are built or buildable here (nvcc + CUTLASS headers).
     """
+    if settings.cutlass_disabled():  # read per call (not cached): turning it on later takes effect
+        return False, "the CUTLASS cubin path is disabled by WUSH_DISABLE_CUTLASS"
     d = _as_device(device)
     if d.type == "cuda" and d.index is None and torch.cuda.is_available():
         d = torch.device("cuda", torch.cuda.current_device())
@@ -129,6 +130,13 @@ def status(device: Union[torch.device, str, int, None] = None) -> dict[str, Any]
         info["cuda_python"] = None
     info["cache"] = str(builder.cache_root())
     return info
+
+
+def clear() -> None:
+    """Drop the device state of the CUDA launchers: the derived per-layer operands (fp32 transforms, swizzled
+    scales, fp32 biases) and the decode kernels' per-device buffers (the router's :func:`clear` calls this)."""
+    ops.clear_caches()
+    decode.clear()
 
 
 def clear_availability_cache() -> None:

@@ -8,12 +8,12 @@
    registers, exact per-group MXFP4 promotion / NVFP4 scales folded into fp16), global scales, bias, x's dtype.
    The GEMM is launched with programmatic dependent launch (PDL): it streams weights while (1) still runs.
 
-:func:`linear` has the signature of :func:`wush_compile.ops.reference.linear_ref`; the Triton launcher
-(``wush_compile.ops.kernels.linear(..., kernel=TRITON_DECODE)``) routes small M here when :func:`available` says
-so. Nothing here synchronizes the host; after one warm-up call per shape both launches can be captured in a CUDA
-graph. The route is opt-in (``WUSH_CUDA_DECODE=1`` or ``wush_compile.ops.kernels.CUDA_DECODE = True``: end to
-end the Triton decode kernels measured faster, see ``kernels.CUDA_DECODE``); ``WUSH_DISABLE_CUDA_DECODE=1`` turns
-it off even then (with that reason).
+:func:`linear` has the signature of :func:`wush_compile.ops.reference.linear_ref`; it is the route
+``KernelChoice.CUDA_DECODE`` of the router (:mod:`wush_compile.ops.dispatch`), taken when pinned
+(``pin_kernel("cuda_decode")``) or, automatically for M <= 16, with ``WUSH_CUDA_DECODE=1`` (off by default: end
+to end the Triton decode kernels measured faster, see ``dispatch.AUTO_ROUTES``); ``WUSH_DISABLE_CUDA_DECODE=1``
+turns it off even when pinned (with that reason). Nothing here synchronizes the host; after one warm-up call per
+shape both launches can be captured in a CUDA graph.
 
 Layout (shared with the CUDA source; the CPU tests emulate the fragment mapping with it): a 32-column chunk of a
 token row is one 16-byte record per lane (lane = 4 * (token % 8) + t4) holding columns 8 * t4 + SLOT_K[h] in
@@ -322,7 +322,7 @@ def prepare(device, transforms: Sequence[torch.Tensor] = (), biases: Sequence[to
     """Allocate the persistent per-device buffers (row-block counters, MXFP4's global scale) and the per-layer
     fp32 copies of ``transforms`` and ``biases`` now, outside any CUDA-graph capture or memory pool (made lazily,
     in CUDA-graph warm-up, they would stay alive in the graph's pool untracked). Idempotent;
-    :func:`wush_compile.ops.kernels.prepare` calls it."""
+    the router's :func:`wush_compile.ops.dispatch.prepare` calls it."""
     d = torch.device(device)
     if d.type != "cuda":
         return
@@ -339,6 +339,13 @@ def prepare(device, transforms: Sequence[torch.Tensor] = (), biases: Sequence[to
     for b in biases:
         if b is not None and b.device == d:
             _bias32(b)
+
+
+def clear() -> None:
+    """Drop the per-device buffers (:func:`prepare` or the next call makes them again)."""
+    with _STATE_LOCK:
+        _COUNTERS.clear()
+        _MX_GS.clear()
 
 
 def _state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
