@@ -98,7 +98,7 @@ def routes_for(m: int, fmt: Format) -> dict:
             out["fp8"] = lambda x, L: kernels.linear(
                 x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt.value, KernelChoice.TRITON_FP8)
         out["bf16"] = lambda x, L: kernels.linear(
-            x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt.value, KernelChoice.TRITON_BF16)
+            x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt.value, KernelChoice.CUBLAS_BF16)
     return out
 
 
