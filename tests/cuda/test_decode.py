@@ -501,3 +501,13 @@ def test_gpu_router_takes_the_cuda_decode_route_when_on(monkeypatch):
     ref = _ref64(x, codes, scales, t, w_gs, a_gs, None, fmt)
     for yy in (y, y_triton):
         assert float((yy.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_launch_structs_mirror_the_cuda_source():
+    """DecActArgs / DecGemmArgs of decode_sm90.cu, made by the loader's one struct helper."""
+    import ctypes
+
+    assert ctypes.sizeof(decode._DecActArgs) == 7 * 8 + 3 * 8 + 2 * 4
+    assert decode._DecActArgs.m.offset == 56 and decode._DecActArgs.tiles.offset == 80
+    assert ctypes.sizeof(decode._DecGemmArgs) == 10 * 8 + 4 * 8 + 4 * 4
+    assert decode._DecGemmArgs.m.offset == 80 and decode._DecGemmArgs.out_dtype.offset == 120

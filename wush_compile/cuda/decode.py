@@ -33,6 +33,7 @@ import torch
 
 from .. import formats, settings
 from ..config import Format
+from . import loader
 
 logger = logging.getLogger(__name__)
 
@@ -227,44 +228,11 @@ def act_operand_ref(x: torch.Tensor, transform: torch.Tensor, act_global_scale: 
 # ---------------------------------------------------------------- device side
 
 
-class _DecActArgs(ctypes.Structure):
-    _fields_ = [
-        ("x", ctypes.c_void_p),
-        ("t", ctypes.c_void_p),
-        ("gs", ctypes.c_void_p),
-        ("b", ctypes.c_void_p),
-        ("sa", ctypes.c_void_p),
-        ("codes", ctypes.c_void_p),
-        ("scales", ctypes.c_void_p),
-        ("m", ctypes.c_int64),
-        ("k", ctypes.c_int64),
-        ("x_row_stride", ctypes.c_int64),
-        ("tiles", ctypes.c_int32),
-        ("reserved", ctypes.c_int32),
-    ]
-
-
-class _DecGemmArgs(ctypes.Structure):
-    _fields_ = [
-        ("w", ctypes.c_void_p),
-        ("ws", ctypes.c_void_p),
-        ("b", ctypes.c_void_p),
-        ("sa", ctypes.c_void_p),
-        ("ga", ctypes.c_void_p),
-        ("gw", ctypes.c_void_p),
-        ("bias", ctypes.c_void_p),
-        ("out", ctypes.c_void_p),
-        ("part", ctypes.c_void_p),
-        ("counters", ctypes.c_void_p),
-        ("m", ctypes.c_int64),
-        ("n", ctypes.c_int64),
-        ("k", ctypes.c_int64),
-        ("units", ctypes.c_int64),
-        ("stages_per_rb", ctypes.c_int32),
-        ("ctas", ctypes.c_int32),
-        ("out_dtype", ctypes.c_int32),
-        ("reserved", ctypes.c_int32),
-    ]
+#: decode_sm90.cu's DecActArgs and DecGemmArgs.
+_DecActArgs = loader.kernel_args("DecActArgs", ("ptr", "x t gs b sa codes scales"), ("i64", "m k x_row_stride"),
+                                 ("i32", "tiles reserved"))
+_DecGemmArgs = loader.kernel_args("DecGemmArgs", ("ptr", "w ws b sa ga gw bias out part counters"),
+                                  ("i64", "m n k units"), ("i32", "stages_per_rb ctas out_dtype reserved"))
 
 
 def _target():
@@ -275,7 +243,7 @@ def _target():
 
 @functools.lru_cache(maxsize=None)
 def _available_cached(device: str) -> tuple[bool, str]:
-    from . import builder, loader
+    from . import builder
 
     d = torch.device(device)
     if d.type != "cuda":
@@ -362,8 +330,6 @@ _OCCUPANCY: dict[tuple, int] = {}
 
 
 def _function(name: str, device_index: int, smem: int, params: type):
-    from . import loader
-
     key = (name, device_index)
     fn = _FUNCS.get(key)
     if fn is None:
@@ -374,8 +340,6 @@ def _function(name: str, device_index: int, smem: int, params: type):
 
 
 def _ctas_per_sm(fn, name: str, device_index: int, threads: int, smem: int) -> int:
-    from . import loader
-
     key = (name, device_index, smem)
     occ = _OCCUPANCY.get(key)
     if occ is None:
@@ -390,15 +354,7 @@ def _ctas_per_sm(fn, name: str, device_index: int, threads: int, smem: int) -> i
 
 
 def _launch(fn, grid: int, threads: int, smem: int, stream: int, params, pdl: bool) -> None:
-    from . import loader
-
     loader.launch(fn, (grid, 1, 1), (threads, 1, 1), smem, stream, params, pdl=pdl)
-
-
-def _loader():
-    from . import loader
-
-    return loader
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -494,7 +450,7 @@ def linear(
     name = gemm_kernel_name(f, tiles, config)
     smem = smem_bytes(f, tiles, config)
     gemm_fn = _function(name, idx, smem, _DecGemmArgs)
-    p = _plan_cached(m, n, k, f, _loader().sm_count(idx), _ctas_per_sm(gemm_fn, name, idx, config.warps * 32, smem), config)
+    p = _plan_cached(m, n, k, f, loader.sm_count(idx), _ctas_per_sm(gemm_fn, name, idx, config.warps * 32, smem), config)
 
     x = _aligned(x)
     w_codes = _aligned(w_codes)
