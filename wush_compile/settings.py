@@ -52,31 +52,34 @@ def flag(name: str) -> bool:
 _OVERRIDES: contextvars.ContextVar[dict] = contextvars.ContextVar("wush_settings_overrides", default={})
 
 
-def _switch(field: str, read) -> bool:
+def _switch(field: str, name: str) -> bool:
     o = _OVERRIDES.get()
-    if field in o:
+    if o and field in o:
         return o[field]
-    return read()
+    return os.environ.get(name, "0") not in ("", "0")
 
 
 def triton_interpret() -> bool:
-    return _switch("triton_interpret", lambda: flag("TRITON_INTERPRET"))
+    return _switch("triton_interpret", "TRITON_INTERPRET")
 
 
 def cuda_decode() -> bool:
-    return _switch("cuda_decode", lambda: flag("WUSH_CUDA_DECODE"))
+    return _switch("cuda_decode", "WUSH_CUDA_DECODE")
 
 
 def cuda_decode_disabled() -> bool:
-    return _switch("cuda_decode_disabled", lambda: flag("WUSH_DISABLE_CUDA_DECODE"))
+    return _switch("cuda_decode_disabled", "WUSH_DISABLE_CUDA_DECODE")
 
 
 def portable_unpack() -> bool:
-    return _switch("portable_unpack", lambda: os.environ.get("WUSH_PORTABLE_UNPACK", "0") == "1")
+    o = _OVERRIDES.get()
+    if o and "portable_unpack" in o:
+        return o["portable_unpack"]
+    return os.environ.get("WUSH_PORTABLE_UNPACK", "0") == "1"
 
 
 def cutlass_disabled() -> bool:
-    return _switch("cutlass_disabled", lambda: flag("WUSH_DISABLE_CUTLASS"))
+    return _switch("cutlass_disabled", "WUSH_DISABLE_CUTLASS")
 
 
 def cubin_dir() -> Optional[str]:

@@ -502,14 +502,45 @@ def runtime_choice(kernel: str, m: int, n: int, k: int, fmt, device: torch.devic
     choice = KernelChoice.parse(kernel)
     if choice is not KernelChoice.AUTO:
         return choice
-    return _runtime_auto(m <= DECODE_MAX_M, n, k, Format.parse(fmt), str(device), current_pin(), settings.current())
+    dev = str(device)
+    pin = current_pin()
+    return _runtime_auto(m <= DECODE_MAX_M, n, k, Format.parse(fmt), dev, pin, _routing_switches(dev, pin))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_family(device: str) -> str:
+    d = torch.device(device)
+    if d.type != "cuda":
+        return d.type
+    cap = _capability(d.index if d.index is not None else torch.cuda.current_device())
+    if cap == CUDA_DECODE_CAPABILITY:
+        return "hopper"
+    return "blackwell" if cap[0] in CUTLASS_CAPABILITY_MAJORS else "cuda"
+
+
+def _routing_switches(device: str, pin: KernelChoice) -> tuple[bool, bool, bool, bool]:
+    """(triton_interpret, cuda_decode, cuda_decode_disabled, cutlass_disabled) as far as they can change the
+    choice on ``device``, read now (one environment lookup in the common case: this runs on every "auto" call)."""
+    family = _device_family(device)
+    if family == "hopper":
+        on = settings.cuda_decode()
+        off = (on or pin is KernelChoice.CUDA_DECODE) and settings.cuda_decode_disabled()
+        return False, on, off, False
+    if family == "blackwell":
+        return False, False, False, settings.cutlass_disabled()
+    if family == "cpu" and pin is not KernelChoice.AUTO:
+        return settings.triton_interpret(), False, False, False
+    return False, False, False, False
 
 
 @functools.lru_cache(maxsize=1024)
 def _runtime_auto(small: bool, n: int, k: int, fmt: Format, device: str, pin: KernelChoice,
-                  switches: settings.Settings) -> KernelChoice:
+                  switches: tuple[bool, bool, bool, bool]) -> KernelChoice:
+    interp, cuda_dec, cuda_dec_off, cutlass_off = switches
+    now = settings.Settings(triton_interpret=interp, cuda_decode=cuda_dec, cuda_decode_disabled=cuda_dec_off,
+                            cutlass_disabled=cutlass_off)
     m = 1 if small else max(PREFILL_PROBE_M, DECODE_MAX_M + 1)
-    choice, _ = choose_kernel(m, n, k, fmt, device, pin, switches=switches, count=False)
+    choice, _ = choose_kernel(m, n, k, fmt, device, pin, switches=now, count=False)
     return choice
 
 
@@ -660,3 +691,4 @@ def clear() -> None:
     for mod in list(_USED.values()):
         mod.clear()  # type: ignore[attr-defined]
     _runtime_auto.cache_clear()
+    _device_family.cache_clear()
