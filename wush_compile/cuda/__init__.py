@@ -23,11 +23,11 @@ import torch
 from .. import settings
 from . import builder, decode, layout, loader  # noqa: F401
 from . import ops
-from .ops import fp4_gemm, linear, transform_quantize  # noqa: F401  (registers wush::cutlass_*)
+from .ops import fp4_gemm, linear, run_linear, transform_quantize  # noqa: F401  (registers wush::cutlass_*)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "status", "linear", "fp4_gemm", "transform_quantize", "clear", "decode"]
+__all__ = ["available", "status", "linear", "run_linear", "fp4_gemm", "transform_quantize", "clear", "decode"]
 
 _FP4_ARCHS = ("sm_100a", "sm_120a")
 

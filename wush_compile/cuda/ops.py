@@ -25,6 +25,7 @@ import torch
 
 from ..config import Format
 from ..ops.checks import check_linear_args
+from ..ops.operands import LinearOperands
 from . import builder, layout, loader
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "transform_quantize",
     "fp4_gemm",
     "linear",
+    "run_linear",
     "fp4_arch",
 ]
 
@@ -322,13 +324,19 @@ def cutlass_linear(
 ) -> torch.Tensor:
     """SPEC section 5 on the native FP4 path: fused transform+quantize (swizzled scales), block-scaled GEMM."""
     _require_cuda(x, "wush::cutlass_linear")
-    check_linear_args(x, weight_codes, weight_scales, transform, weight_global_scale, act_global_scale, bias, fmt)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    a_codes, a_scales = cutlass_transform_quantize(x2, transform, act_global_scale, fmt, True)
-    y = cutlass_fp4_gemm(a_codes, a_scales, act_global_scale, weight_codes.contiguous(),
-                         _swizzled_scales(weight_scales), weight_global_scale, bias, fmt, x.dtype)
-    return y.reshape(*lead, weight_codes.shape[0])
+    ops = LinearOperands.checked(x, weight_codes, weight_scales, transform, weight_global_scale, act_global_scale,
+                                 bias, fmt)
+    y = run_linear(x.reshape(-1, x.shape[-1]), ops)
+    return y.reshape(*x.shape[:-1], ops.n)
+
+
+def run_linear(x: torch.Tensor, ops: LinearOperands) -> torch.Tensor:
+    """The calibrated linear on x (M, K) with operands the op already checked (the router's entry point): the
+    body of ``wush::cutlass_linear`` without checking them again."""
+    fmt = ops.fmt.value
+    a_codes, a_scales = cutlass_transform_quantize(x, ops.transform, ops.act_global_scale, fmt, True)
+    return cutlass_fp4_gemm(a_codes, a_scales, ops.act_global_scale, ops.weight_codes.contiguous(),
+                            _swizzled_scales(ops.weight_scales), ops.weight_global_scale, ops.bias, fmt, x.dtype)
 
 
 @cutlass_linear.register_fake

@@ -611,7 +611,7 @@ def run_linear(choice: KernelChoice, x2: torch.Tensor, ops: LinearOperands) -> t
     elif choice is KernelChoice.CUTLASS:
         wcuda = _cuda()
         if wcuda is not None:
-            return wcuda.linear(x2.contiguous(), *ops.args())
+            return wcuda.run_linear(x2.contiguous(), ops)
     return reference.linear_ref(x2, *ops.args())
 
 
