@@ -129,13 +129,9 @@ def main(argv=None) -> int:
                     routes[f"cuda_w{c0.warps}s{c0.stages}_nopdl"] = lambda x, L: decode.linear(
                         x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt.value, config=c0, pdl=False)
 
-                def triton_route(x, L):
-                    kernels.CUDA_DECODE = False
-                    try:
-                        return kernels.linear(x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt.value,
-                                              KernelChoice.TRITON_DECODE)
-                    finally:
-                        kernels.CUDA_DECODE = True
+                def triton_route(x, L):  # the triton_decode route (never the CUDA kernels: that is cuda_decode)
+                    return kernels.linear(x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt.value,
+                                          KernelChoice.TRITON_DECODE)
 
                 if not args.no_triton:
                     routes["triton"] = triton_route
@@ -149,12 +145,7 @@ def main(argv=None) -> int:
                             print(f"FAILED CHECK {name} {fmt_name} M={m} {route}: rel err {err:.3e}", flush=True)
                             rows.append(r)
                             continue
-                        if route == "triton":
-                            kernels.CUDA_DECODE = False
-                        try:
-                            us = bench_us([(lambda i=i: fn(xs[i % len(xs)], Ls[i % len(Ls)])) for i in range(len(Ls))])
-                        finally:
-                            kernels.CUDA_DECODE = True
+                        us = bench_us([(lambda i=i: fn(xs[i % len(xs)], Ls[i % len(Ls)])) for i in range(len(Ls))])
                     except Exception as e:  # keep going; the failure is in the log and the JSON
                         print(f"ERROR {name} {fmt_name} M={m} {route}: {type(e).__name__}: {e}", flush=True)
                         r["error"] = f"{type(e).__name__}: {e}"

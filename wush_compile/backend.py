@@ -156,7 +156,7 @@ def wush_backend(
     result = run_passes(gm, example_inputs, opts)
     _emit(result)
     if result.rewritten:
-        _prepare_devices(gm, example_inputs)
+        _prepare_devices(gm, example_inputs, result.records)
         config_patches.setdefault("emulate_precision_casts", True)
     if not opts.inductor:
         return gm.forward
@@ -165,18 +165,17 @@ def wush_backend(
     return compile_fx(gm, example_inputs, config_patches=config_patches)
 
 
-def _prepare_devices(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+def _prepare_devices(gm: fx.GraphModule, example_inputs: Sequence[Any], records: Sequence[LinearRecord]) -> None:
     """Allocate the kernels' persistent buffers and per-layer derived operands now: under mode="reduce-overhead"
     the first kernel call happens in CUDA-graph warm-up, where a lazily allocated buffer would land in the graph's
     memory pool."""
     devices = {t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"}
     if not devices:
         return
-    from .ops import kernels
-
     transforms, biases = _fused_operands(gm, example_inputs)
+    routes = {r.kernel for r in records if r.rewritten and r.kernel}
     for device in devices:
-        kernels.prepare(device, transforms, biases)
+        dispatch.prepare(device, transforms, biases, routes)
 
 
 def _fused_operands(
@@ -216,12 +215,9 @@ def _reset() -> None:
         from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
         reset_cudagraph_trees()
-    # ...and the derived per-layer operands (fp32 transforms, swizzled scales) that held their sources alive.
-    import sys
-
-    cuda_ops = sys.modules.get("wush_compile.cuda.ops")
-    if cuda_ops is not None:
-        cuda_ops.clear_caches()
+    # ...and the backends' device state and derived per-layer operands (fp32 transforms, swizzled scales) that
+    # held their sources alive.
+    dispatch.clear()
 
 
 wush_backend.reset = _reset  # type: ignore[attr-defined]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import warnings
 from typing import Any
 
 
@@ -67,14 +68,33 @@ class ActScale(_StrEnum):
 
 
 class KernelChoice(_StrEnum):
-    """Which implementation runs a calibrated linear. AUTO lets the dispatcher decide."""
+    """Which route runs a calibrated linear, named for what it runs. AUTO lets the router
+    (:mod:`wush_compile.ops.dispatch`) decide; its table says when each route is taken."""
 
     AUTO = "auto"
     REFERENCE = "reference"  # the pure-torch twin (any device)
-    TRITON_DECODE = "triton_decode"  # small M: fused transform+quantize prologue, FP4 weights in registers
-    TRITON_FP8 = "triton_fp8"  # MXFP4 prefill: exact re-encoding into an fp8 GEMM
-    TRITON_BF16 = "triton_bf16"  # exact bf16 dequantization + bf16 MMA (NVFP4 prefill, fallback)
+    TRITON_DECODE = "triton_decode"  # small M, Triton: transform+quantize prologue, FP4 weights in registers
+    CUDA_DECODE = "cuda_decode"  # small M on sm_90: the Hopper CUDA decode kernels (wush_compile.cuda.decode)
+    TRITON_FP8 = "triton_fp8"  # MXFP4 prefill: exact re-encoding into an fp8 GEMM (torch._scaled_mm)
+    CUBLAS_BF16 = "cublas_bf16"  # exact bf16 dequantization (Triton) + cuBLAS bf16 GEMM (NVFP4 prefill, fallback)
+    FP8CORE = "fp8core"  # MXFP4 as an fp8 tensor-core GEMM expanding FP4 in the kernel (wush_compile.ops.fp8core)
     CUTLASS = "cutlass"  # native block-scaled FP4 MMA (Blackwell cubins)
+
+    #: Deprecated spelling (it runs cuBLAS, not Triton): the same member as CUBLAS_BF16.
+    TRITON_BF16 = "cublas_bf16"
+
+    @classmethod
+    def _missing_(cls, value: Any) -> "KernelChoice | None":
+        if isinstance(value, str) and value.lower() in _DEPRECATED_KERNEL_VALUES:
+            new = _DEPRECATED_KERNEL_VALUES[value.lower()]
+            warnings.warn(f"kernel {value!r} is deprecated; it is called {new!r} now", DeprecationWarning,
+                          stacklevel=3)
+            return cls(new)
+        return None
+
+
+#: Old kernel values still accepted (with a DeprecationWarning): old value -> current value.
+_DEPRECATED_KERNEL_VALUES = {"triton_bf16": "cublas_bf16"}
 
 
 #: The choices of the GPTQ knobs of :class:`WushConfig` (the first is the default).

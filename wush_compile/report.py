@@ -15,8 +15,10 @@ __all__ = ["format_rows"]
 _SHORT_PATH = {
     "reference": "reference",
     "triton_decode": "decode",
+    "cuda_decode": "decode/cuda",
     "triton_fp8": "prefill/fp8",
-    "triton_bf16": "prefill/bf16",
+    "cublas_bf16": "prefill/bf16",
+    "fp8core": "prefill/fp8core",
     "cutlass": "native-fp4",
     "auto": "per call",
 }

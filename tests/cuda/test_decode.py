@@ -466,9 +466,12 @@ def test_gpu_cuda_graph_capture_and_replay(pdl):
 
 
 @pytest.mark.gpu
-def test_gpu_triton_decode_route_uses_the_cuda_kernels(monkeypatch):
+def test_gpu_router_takes_the_cuda_decode_route_when_on(monkeypatch):
     _need_hopper()
-    from wush_compile.ops import kernels
+    from wush_compile import settings
+    from wush_compile.config import KernelChoice
+    from wush_compile.ops import dispatch
+    from wush_compile.ops.operands import LinearOperands
 
     gen = torch.Generator().manual_seed(13)
     fmt, g = "mxfp4", 32
@@ -477,18 +480,34 @@ def test_gpu_triton_decode_route_uses_the_cuda_kernels(monkeypatch):
     t = torch.linalg.qr(torch.randn(k // g, g, g, generator=gen))[0].to(torch.bfloat16).cuda()
     codes, scales, w_gs = _weights(n, k, fmt, gen)
     codes, scales, w_gs, a_gs = codes.cuda(), scales.cuda(), w_gs.cuda(), _act_gs(fmt).cuda()
+    ops = LinearOperands.checked(x, codes, scales, t, w_gs, a_gs, None, fmt)
     calls = []
     real = decode.linear
     monkeypatch.setattr(decode, "linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    assert kernels.CUDA_DECODE is False  # opt-in
-    kernels.linear(x, codes, scales, t, w_gs, a_gs, None, fmt, "triton_decode")
-    assert not calls, "off by default: the Triton decode kernels run"
-    monkeypatch.setattr(kernels, "CUDA_DECODE", True)
-    y = kernels.linear(x, codes, scales, t, w_gs, a_gs, None, fmt, "triton_decode")
-    assert calls, "TRITON_DECODE on sm_90 runs the CUDA decode kernels once turned on"
-    monkeypatch.setenv("WUSH_DISABLE_CUDA_DECODE", "1")
-    y_triton = kernels.linear(x, codes, scales, t, w_gs, a_gs, None, fmt, "triton_decode")
-    assert len(calls) == 1
+
+    def run():
+        choice, _ = dispatch.choose_kernel(m, n, k, fmt, x.device, count=False)
+        return choice, dispatch.run_linear(choice, x, ops)
+
+    assert settings.cuda_decode() is False  # opt-in
+    choice, _ = run()
+    assert choice is KernelChoice.TRITON_DECODE and not calls, "off by default: the Triton decode kernels run"
+    with settings.overridden(cuda_decode=True):
+        choice, y = run()
+        assert choice is KernelChoice.CUDA_DECODE and calls, "on sm_90 the router takes cuda_decode once turned on"
+        monkeypatch.setenv("WUSH_DISABLE_CUDA_DECODE", "1")
+        choice, y_triton = run()
+    assert choice is KernelChoice.TRITON_DECODE and len(calls) == 1
     ref = _ref64(x, codes, scales, t, w_gs, a_gs, None, fmt)
     for yy in (y, y_triton):
         assert float((yy.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_launch_structs_mirror_the_cuda_source():
+    """DecActArgs / DecGemmArgs of decode_sm90.cu, made by the loader's one struct helper."""
+    import ctypes
+
+    assert ctypes.sizeof(decode._DecActArgs) == 7 * 8 + 3 * 8 + 2 * 4
+    assert decode._DecActArgs.m.offset == 56 and decode._DecActArgs.tiles.offset == 80
+    assert ctypes.sizeof(decode._DecGemmArgs) == 10 * 8 + 4 * 8 + 4 * 4
+    assert decode._DecGemmArgs.m.offset == 80 and decode._DecGemmArgs.out_dtype.offset == 120

@@ -113,4 +113,4 @@ def test_gemm_shape_checks():
         layout.check_gemm_shape(0, 8, 64, torch.bfloat16)
     with pytest.raises(ValueError, match="bfloat16, float16 or float32"):
         layout.output_alignment(torch.float64)
-    layout.check_gemm_shape(1, 8, 16, torch.bfloat16, align_k=layout.FP8_ALIGN_K)
+    layout.check_gemm_shape(1, 8, 16, torch.bfloat16, align_k=16)

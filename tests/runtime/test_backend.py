@@ -260,9 +260,9 @@ def test_pinned_triton_kernels_run_in_the_interpreter(monkeypatch):
     if not dispatch._triton_interpreter() or not dispatch.triton_kernels_status()[0]:
         pytest.skip("needs triton and TRITON_INTERPRET=1")
     calls = []
-    real = kernels.linear
-    monkeypatch.setattr(kernels, "linear", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
-    for fmt, kernel in (("mxfp4", "triton_decode"), ("nvfp4", "triton_bf16")):
+    real = kernels.run_linear  # the router's entry into the Triton launchers
+    monkeypatch.setattr(kernels, "run_linear", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    for fmt, kernel in (("mxfp4", "triton_decode"), ("nvfp4", "cublas_bf16")):
         torch._dynamo.reset()
         calls.clear()
         m = TinyAttention(fmt, kind="wush").eval()

@@ -185,9 +185,7 @@ def test_reduce_overhead_cuda_decode_bf16_operands(fmt, monkeypatch):
 
     if torch.cuda.get_device_capability() != (9, 0) or not cuda_decode.available()[0]:
         pytest.skip("needs sm_90 with the CUDA decode kernels")
-    from wush_compile.ops import kernels
-
-    monkeypatch.setattr(kernels, "CUDA_DECODE", True)  # opt-in route
+    monkeypatch.setenv("WUSH_CUDA_DECODE", "1")  # opt-in route
     torch.manual_seed(0)
     layers = torch.nn.Sequential(*(
         wush_linear_from(torch.nn.Linear(512, 512, bias=True).to(torch.bfloat16), fmt, "hadamard") for _ in range(3)

@@ -53,6 +53,12 @@ def environment() -> dict:
                    memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
     else:
         env.update(gpu="none")
+    try:  # the driver binding the CUDA routes launch through
+        import cuda.bindings as cb
+
+        env["cuda_python"] = getattr(cb, "__version__", "?")
+    except ImportError:
+        env["cuda_python"] = None
     return env
 
 

@@ -64,7 +64,7 @@ class E2ESettings:
     profile_steps: int = 16
     # one transform per group of Linears sharing an input (q/k/v, gate/up): the backend groups them (random models)
     shared_transform: bool = False
-    # also measure the wush model with the Hopper CUDA decode kernels (opt-in: kernels.CUDA_DECODE)
+    # also measure the wush model with the Hopper CUDA decode kernels (opt-in: settings.cuda_decode)
     also_cuda_decode: bool = False
     # the fp8 W8A8 baseline (what a user would pick instead), measured in the same run (GPU: needs sm_89+)
     fp8: bool = True
@@ -431,13 +431,10 @@ def run_model(name: str, s: E2ESettings, device, out: dict | None = None,
         if s.also_cuda_decode:
             checkpoint()
             _release_compiled()
-            from ..ops import kernels
+            from .. import settings
 
-            old, kernels.CUDA_DECODE = kernels.CUDA_DECODE, True
-            try:
+            with settings.overridden(cuda_decode=True):  # the automatic choice takes the cuda_decode route
                 out["wush[cuda decode]"] = measure(model, "wush", s, vocab, device, f"wush {s.fmt.value}, CUDA decode")
-            finally:
-                kernels.CUDA_DECODE = old
     if "bf16" in out and "wush" in out:
         _ratios(out)
     out["wush_linears"] = sum(isinstance(m, WushLinear) for m in model.modules())

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import formats
+from .. import formats, settings
 from ..config import Format, KernelChoice
-from ..ops import kernels, reference
+from ..ops import dispatch, kernels, reference
+from ..ops.operands import LinearOperands
 from . import common
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,10 @@ def routes_for(m: int, fmt: Format) -> dict:
     if m <= DECODE_BENCH_MAX_M:
         out["decode"] = lambda x, L: kernels.linear(
             x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt.value, KernelChoice.TRITON_DECODE)
+        if settings.cuda_decode() and dispatch.supports(KernelChoice.CUDA_DECODE, fmt, "cuda", m=m)[0]:
+            # the Hopper CUDA decode kernels (opt-in, WUSH_CUDA_DECODE=1), through the router's cuda_decode route
+            out["cuda_decode"] = lambda x, L: dispatch.run_linear(KernelChoice.CUDA_DECODE, x, LinearOperands(
+                L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt))
         if fmt is Format.MXFP4 and m == 1 and FUSED_DECODE_BENCH:
             out["decode_fused"] = lambda x, L: kernels.decode_linear(
                 x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt, x.dtype,
@@ -98,7 +103,7 @@ def routes_for(m: int, fmt: Format) -> dict:
             out["fp8"] = lambda x, L: kernels.linear(
                 x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt.value, KernelChoice.TRITON_FP8)
         out["bf16"] = lambda x, L: kernels.linear(
-            x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt.value, KernelChoice.TRITON_BF16)
+            x, L.w_codes, L.w_scales, L.transform, L.w_gs, L.a_gs, None, fmt.value, KernelChoice.CUBLAS_BF16)
     return out
 
 

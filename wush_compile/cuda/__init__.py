@@ -5,7 +5,7 @@ cuda-python, behind torch.library ops ``wush::cutlass_*`` (see :mod:`.ops`).
   KernelChoice.CUTLASS on capability 10.x / 12.x when it is true; the reason goes to the explain report).
 - :func:`linear`, :func:`fp4_gemm`, :func:`transform_quantize`: launchers with the signatures of the torch
   twins in :mod:`wush_compile.ops.reference`.
-- :func:`fp8_available` / :func:`fp8_gemm`: the same machinery on Hopper (a row-scaled fp8 CUTLASS GEMM).
+- :mod:`.decode`: the Hopper (sm_90a) decode kernels, the router's ``cuda_decode`` route.
 - Build: ``python -m wush_compile.cuda.build`` (:mod:`.build`); cubins are otherwise built on first use and
   cached. ``WUSH_DISABLE_CUTLASS=1`` turns the path off (with that reason).
 
@@ -21,12 +21,13 @@ from typing import Any, Union
 import torch
 
 from .. import settings
-from . import builder, layout, loader  # noqa: F401
-from .ops import fp4_gemm, fp8_gemm, linear, transform_quantize  # noqa: F401  (registers wush::cutlass_*)
+from . import builder, decode, layout, loader  # noqa: F401
+from . import ops
+from .ops import fp4_gemm, linear, run_linear, transform_quantize  # noqa: F401  (registers wush::cutlass_*)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "fp8_available", "status", "linear", "fp4_gemm", "transform_quantize", "fp8_gemm"]
+__all__ = ["available", "status", "linear", "run_linear", "fp4_gemm", "transform_quantize", "clear", "decode"]
 
 _FP4_ARCHS = ("sm_100a", "sm_120a")
 
@@ -40,8 +41,6 @@ def _as_device(device: Union[torch.device, str, int, None]) -> torch.device:
 
 
 def _check(device: torch.device, archs: tuple[str, ...], what: str) -> tuple[bool, str]:
-    if settings.cutlass_disabled():
-        return False, "the CUTLASS cubin path is disabled by WUSH_DISABLE_CUTLASS"
     if device.type != "cuda":
         return False, f"{device} is not a CUDA device"
     if not torch.cuda.is_available():
@@ -91,18 +90,12 @@ def available(device: Union[torch.device, str, int, None] = None) -> tuple[bool,
     Cheap and cached per device; it never builds. True means: capability 10.0 (sm_100a) or 12.0 (sm_120a),
     cuda-python drives the GPU, and the cubins are built or buildable here (nvcc + CUTLASS headers).
     """
+    if settings.cutlass_disabled():  # read per call (not cached): turning it on later takes effect
+        return False, "the CUTLASS cubin path is disabled by WUSH_DISABLE_CUTLASS"
     d = _as_device(device)
     if d.type == "cuda" and d.index is None and torch.cuda.is_available():
         d = torch.device("cuda", torch.cuda.current_device())
     return _available_cached(str(d), _FP4_ARCHS, "FP4")
-
-
-def fp8_available(device: Union[torch.device, str, int, None] = None) -> tuple[bool, str]:
-    """Like :func:`available`, for the row-scaled fp8 CUTLASS GEMM on Hopper (sm_90a)."""
-    d = _as_device(device)
-    if d.type == "cuda" and d.index is None and torch.cuda.is_available():
-        d = torch.device("cuda", torch.cuda.current_device())
-    return _available_cached(str(d), ("sm_90a",), "fp8")
 
 
 def status(device: Union[torch.device, str, int, None] = None) -> dict[str, Any]:
@@ -129,6 +122,13 @@ def status(device: Union[torch.device, str, int, None] = None) -> dict[str, Any]
         info["cuda_python"] = None
     info["cache"] = str(builder.cache_root())
     return info
+
+
+def clear() -> None:
+    """Drop the device state of the CUDA launchers: the derived per-layer operands (fp32 transforms, swizzled
+    scales, fp32 biases) and the decode kernels' per-device buffers (the router's :func:`clear` calls this)."""
+    ops.clear_caches()
+    decode.clear()
 
 
 def clear_availability_cache() -> None:

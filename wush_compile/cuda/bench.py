@@ -1,9 +1,8 @@
 """Time the cubin path against torch on the GPU at hand: ``python -m wush_compile.cuda.bench [--json FILE]``.
 
-On Hopper (sm_90a) it times the row-scaled fp8 CUTLASS GEMM (``wush::cutlass_fp8_gemm``) against cuBLAS through
-``torch._scaled_mm`` with the same row-wise scales (the GEMM of the TRITON_FP8 route) and bf16 ``F.linear``, and
-the CUDA transform+quantize kernel against the Triton one; on Blackwell also the FP4 GEMM and linear. Every
-timed kernel is first checked against a reference on the same inputs. Prints where it ran and a table of
+It times the CUDA transform+quantize kernel against the Triton one, and on Blackwell the FP4 linear (fused
+quantize + block-scaled GEMM) against bf16 ``F.linear``. The quantize kernels are checked against the torch twin
+on the same inputs. Prints where it ran and a table of
 median microseconds and ratios.
 """
 
@@ -53,54 +52,6 @@ def _bench(fn: Callable[[], object], graph: bool) -> tuple[float, Optional[float
     if graph:  # replayed from a CUDA graph: the GPU time without Python launch overhead
         gus = tt.do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3
     return us, gus
-
-
-def environment() -> dict:
-    """The benchmarks' environment header (:func:`wush_compile.bench.common.environment`) plus cuda-python."""
-    from ..bench.common import environment as bench_environment
-
-    info = bench_environment()
-    try:
-        import cuda.bindings as cb
-
-        info["cuda_python"] = getattr(cb, "__version__", "?")
-    except ImportError:
-        info["cuda_python"] = None
-    return info
-
-
-def bench_fp8_gemm(layers=LAYERS, ms=MS, check: bool = True) -> list[Row]:
-    """cutlass fp8 row-scaled GEMM vs torch._scaled_mm (row-wise) vs bf16 F.linear, bf16 output."""
-    from . import ops
-
-    rows: list[Row] = []
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(0)
-    for name, n, k in layers:
-        w = torch.randn(n, k, device=dev, generator=gen).to(torch.bfloat16)
-        wq = (w.float() * 8).to(torch.float8_e4m3fn)
-        sb = torch.rand(n, device=dev, generator=gen) + 0.5
-        for m in ms:
-            x = torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16)
-            xq = (x.float() * 8).to(torch.float8_e4m3fn)
-            sa = torch.rand(m, device=dev, generator=gen) + 0.5
-            one = torch.ones((), device=dev)
-            cut = lambda: ops.cutlass_fp8_gemm(xq, sa, wq, sb, one, one, None, torch.bfloat16)  # noqa: E731
-            cub = lambda: torch._scaled_mm(xq, wq.t(), scale_a=sa[:, None], scale_b=sb[None, :],  # noqa: E731
-                                           out_dtype=torch.bfloat16, use_fast_accum=False)
-            lin = lambda: F.linear(x, w)  # noqa: E731
-            if check:
-                ref = (xq.double() @ wq.double().t()) * sa.double()[:, None] * sb.double()[None, :]
-                for impl, fn in (("cutlass_fp8", cut), ("scaled_mm_fp8", cub)):
-                    err = ((fn().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-                    if not err < 2e-2:
-                        raise AssertionError(f"{impl} {name} M={m}: max error {err:.3g} of max |ref|")
-            flop = 2.0 * m * n * k
-            for impl, fn in (("bf16_linear", lin), ("scaled_mm_fp8", cub), ("cutlass_fp8", cut)):
-                us, gus = _bench(fn, graph=m <= 16)
-                rows.append(Row(name, m, n, k, impl, us, flop / us * 1e-6, gus))
-                logger.info("%s M=%d %s: %.1f us", name, m, impl, us)
-    return rows
 
 
 def bench_quantize(ms=(16, 4096), k=4096) -> list[dict]:
@@ -160,18 +111,11 @@ def bench_fp4(layers=LAYERS[:4], ms=MS) -> list[Row]:
 
 
 def table(rows: list[Row]) -> str:
-    by = {}
+    """A markdown table of :func:`bench_fp4` rows."""
+    lines = ["| layer | M | impl | us | graph us | TFLOP/s |", "|---|---|---|---|---|---|"]
     for r in rows:
-        by.setdefault((r.layer, r.m, r.n, r.k), {})[r.impl] = r
-    lines = ["| layer | M | bf16 us | scaled_mm fp8 us | cutlass fp8 us | cutlass / scaled_mm | cutlass / bf16 "
-             "| graph us (bf16 / scaled_mm / cutlass) |", "|---|---|---|---|---|---|---|---|"]
-    for (layer, m, n, k), d in by.items():
-        b, s, c = d.get("bf16_linear"), d.get("scaled_mm_fp8"), d.get("cutlass_fp8")
-        if not (b and s and c):
-            continue
-        g = " / ".join(f"{x.graph_us:.1f}" for x in (b, s, c)) if c.graph_us is not None else ""
-        lines.append(f"| {layer} {n}x{k} | {m} | {b.us:.1f} | {s.us:.1f} | {c.us:.1f} | {c.us / s.us:.2f} | "
-                     f"{c.us / b.us:.2f} | {g} |")
+        g = f"{r.graph_us:.1f}" if r.graph_us is not None else ""
+        lines.append(f"| {r.layer} {r.n}x{r.k} | {r.m} | {r.impl} | {r.us:.1f} | {g} | {r.tflops:.1f} |")
     return "\n".join(lines)
 
 
@@ -186,19 +130,16 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         sys.stderr.write("no CUDA device\n")
         return 1
-    from . import available, fp8_available
+    from . import available
+    from ..bench.common import environment
 
     env = environment()
     result: dict = {"environment": env}
     sys.stdout.write(json.dumps(env) + "\n")
-    layers = LAYERS[:2] + LAYERS[4:5] if args.quick else LAYERS[:5]
-    if fp8_available()[0]:
-        rows = bench_fp8_gemm(layers=layers)
-        result["fp8_gemm"] = [dataclasses.asdict(r) for r in rows]
-        sys.stdout.write(table(rows) + "\n")
     if available()[0]:
-        rows = bench_fp4()
+        rows = bench_fp4(layers=LAYERS[:2] if args.quick else LAYERS[:4])
         result["fp4_linear"] = [dataclasses.asdict(r) for r in rows]
+        sys.stdout.write(table(rows) + "\n")
     result["quantize"] = bench_quantize()
     for q in result["quantize"]:
         sys.stdout.write(json.dumps(q) + "\n")

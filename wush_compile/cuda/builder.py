@@ -6,9 +6,8 @@ the CUTLASS kernels' launch parameters). The command line is :mod:`wush_compile.
 What is built, per architecture (see :func:`targets`):
 
 - ``<variant>.<arch>.<hash>.cubin`` (+ ``.ptx``): one CUTLASS GEMM variant each, e.g. ``fp4_sm100_mxfp4_bf16`` (block-
-  scaled MXFP4 / NVFP4 GEMMs for sm_100a and sm_120a) or ``fp8_sm90_bf16`` (a row-scaled fp8 GEMM for sm_90a),
-  holding one ``extern "C"`` kernel ``wush_<variant>_kernel``.
-- ``libwush_<source>.<arch>.<hash>.so``: the host half of one GEMM source (``wush_<variant>_info`` /
+  scaled MXFP4 / NVFP4 GEMMs for sm_100a and sm_120a), holding one ``extern "C"`` kernel ``wush_<variant>_kernel``.
+- ``libwush_<source>.<arch>.<hash>.so`` (sm_100a, sm_120a): the host half of one GEMM source (``wush_<variant>_info`` /
   ``_prepare``), built from the same text with ``-DWUSH_HOST_ONLY``; it runs CUTLASS's own host code to fill
   the kernel's Params (TMA descriptors included), taking cuTensorMapEncodeTiled from the driver the process
   has loaded; it calls no CUDA runtime API.
@@ -39,7 +38,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 from .. import settings
 
@@ -79,8 +78,8 @@ _HOST_FLAGS = ("-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden,-O2", "-ldl")
 # Output dtype code (WUSH_OUT) per torch dtype name; formats per WUSH_FMT.
 OUT_CODES = {"bf16": 0, "fp16": 1, "fp32": 2}
 FMT_CODES = {"mxfp4": 0, "nvfp4": 1}
+#: The block-scaled FP4 GEMM source of each architecture that has one (sm_90a has the decode kernels only).
 _GEMM_SOURCES = {
-    "sm_90a": "fp8_gemm_sm90.cu",
     "sm_100a": "fp4_gemm_sm100.cu",
     "sm_120a": "fp4_gemm_sm120.cu",
 }
@@ -154,27 +153,25 @@ def _content_hash_cached(kind: str, arch: str, defines: tuple[str, ...], stamp: 
     return h.hexdigest()[:16]
 
 
-def gemm_variant_name(arch: str, fmt: Optional[str], out: str) -> str:
-    """``fp4_sm100_mxfp4_bf16``, ``fp4_sm120_nvfp4_fp32``, ``fp8_sm90_bf16``, ..."""
+def gemm_variant_name(arch: str, fmt: str, out: str) -> str:
+    """``fp4_sm100_mxfp4_bf16``, ``fp4_sm120_nvfp4_fp32``, ..."""
     family = arch.split("_")[1].rstrip("a")
-    return f"fp8_sm{family}_{out}" if fmt is None else f"fp4_sm{family}_{fmt}_{out}"
+    return f"fp4_sm{family}_{fmt}_{out}"
 
 
 def targets(arch: str) -> list[Target]:
     """Everything built for ``arch``: the GEMM variants, their host library and the quantize kernels."""
     if arch not in ARCHS:
         raise BuildError(f"unknown architecture {arch!r}; choose from {sorted(ARCHS)}")
-    source = _GEMM_SOURCES[arch]
+    source = _GEMM_SOURCES.get(arch)
     out: list[Target] = []
-    fmts: Sequence[Optional[str]] = (None,) if arch == "sm_90a" else tuple(FMT_CODES)
-    for fmt in fmts:
-        for dt, code in OUT_CODES.items():
-            name = gemm_variant_name(arch, fmt, dt)
-            defines = [f"-DWUSH_VARIANT={name}", f"-DWUSH_OUT={code}"]
-            if fmt is not None:
-                defines.append(f"-DWUSH_FMT={FMT_CODES[fmt]}")
-            out.append(Target("gemm", name, arch, source, tuple(defines)))
-    out.append(Target("host", Path(source).stem, arch, source, ("-DWUSH_HOST_ONLY",)))
+    if source is not None:
+        for fmt in FMT_CODES:
+            for dt, code in OUT_CODES.items():
+                name = gemm_variant_name(arch, fmt, dt)
+                defines = (f"-DWUSH_VARIANT={name}", f"-DWUSH_OUT={code}", f"-DWUSH_FMT={FMT_CODES[fmt]}")
+                out.append(Target("gemm", name, arch, source, defines))
+        out.append(Target("host", Path(source).stem, arch, source, ("-DWUSH_HOST_ONLY",)))
     out.append(Target("quantize", "transform_quantize", arch, QUANTIZE_SOURCE))
     if arch == "sm_90a":
         out.append(Target("decode", Path(DECODE_SOURCE).stem, arch, DECODE_SOURCE))
@@ -374,7 +371,7 @@ def build(
 
     ``out``: put the artifacts in ``out/<arch>/`` instead of the keyed cache (``WUSH_CUDA_CUBIN_DIR=out`` then
     finds them).
-    ``only``: target names to build (variant names such as ``fp8_sm90_bf16``, a host library's source stem such
+    ``only``: target names to build (variant names such as ``fp4_sm100_mxfp4_bf16``, a host library's source stem such
     as ``fp4_gemm_sm100``, or ``transform_quantize``); default everything.
     """
     toolchain = toolchain or find_toolchain()

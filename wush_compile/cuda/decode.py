@@ -8,12 +8,12 @@
    registers, exact per-group MXFP4 promotion / NVFP4 scales folded into fp16), global scales, bias, x's dtype.
    The GEMM is launched with programmatic dependent launch (PDL): it streams weights while (1) still runs.
 
-:func:`linear` has the signature of :func:`wush_compile.ops.reference.linear_ref`; the Triton launcher
-(``wush_compile.ops.kernels.linear(..., kernel=TRITON_DECODE)``) routes small M here when :func:`available` says
-so. Nothing here synchronizes the host; after one warm-up call per shape both launches can be captured in a CUDA
-graph. The route is opt-in (``WUSH_CUDA_DECODE=1`` or ``wush_compile.ops.kernels.CUDA_DECODE = True``: end to
-end the Triton decode kernels measured faster, see ``kernels.CUDA_DECODE``); ``WUSH_DISABLE_CUDA_DECODE=1`` turns
-it off even then (with that reason).
+:func:`linear` has the signature of :func:`wush_compile.ops.reference.linear_ref`; it is the route
+``KernelChoice.CUDA_DECODE`` of the router (:mod:`wush_compile.ops.dispatch`), taken when pinned
+(``pin_kernel("cuda_decode")``) or, automatically for M <= 16, with ``WUSH_CUDA_DECODE=1`` (off by default: end
+to end the Triton decode kernels measured faster, see ``dispatch.AUTO_ROUTES``); ``WUSH_DISABLE_CUDA_DECODE=1``
+turns it off even when pinned (with that reason). Nothing here synchronizes the host; after one warm-up call per
+shape both launches can be captured in a CUDA graph.
 
 Layout (shared with the CUDA source; the CPU tests emulate the fragment mapping with it): a 32-column chunk of a
 token row is one 16-byte record per lane (lane = 4 * (token % 8) + t4) holding columns 8 * t4 + SLOT_K[h] in
@@ -33,6 +33,7 @@ import torch
 
 from .. import formats, settings
 from ..config import Format
+from . import loader
 
 logger = logging.getLogger(__name__)
 
@@ -227,44 +228,11 @@ def act_operand_ref(x: torch.Tensor, transform: torch.Tensor, act_global_scale: 
 # ---------------------------------------------------------------- device side
 
 
-class _DecActArgs(ctypes.Structure):
-    _fields_ = [
-        ("x", ctypes.c_void_p),
-        ("t", ctypes.c_void_p),
-        ("gs", ctypes.c_void_p),
-        ("b", ctypes.c_void_p),
-        ("sa", ctypes.c_void_p),
-        ("codes", ctypes.c_void_p),
-        ("scales", ctypes.c_void_p),
-        ("m", ctypes.c_int64),
-        ("k", ctypes.c_int64),
-        ("x_row_stride", ctypes.c_int64),
-        ("tiles", ctypes.c_int32),
-        ("reserved", ctypes.c_int32),
-    ]
-
-
-class _DecGemmArgs(ctypes.Structure):
-    _fields_ = [
-        ("w", ctypes.c_void_p),
-        ("ws", ctypes.c_void_p),
-        ("b", ctypes.c_void_p),
-        ("sa", ctypes.c_void_p),
-        ("ga", ctypes.c_void_p),
-        ("gw", ctypes.c_void_p),
-        ("bias", ctypes.c_void_p),
-        ("out", ctypes.c_void_p),
-        ("part", ctypes.c_void_p),
-        ("counters", ctypes.c_void_p),
-        ("m", ctypes.c_int64),
-        ("n", ctypes.c_int64),
-        ("k", ctypes.c_int64),
-        ("units", ctypes.c_int64),
-        ("stages_per_rb", ctypes.c_int32),
-        ("ctas", ctypes.c_int32),
-        ("out_dtype", ctypes.c_int32),
-        ("reserved", ctypes.c_int32),
-    ]
+#: decode_sm90.cu's DecActArgs and DecGemmArgs.
+_DecActArgs = loader.kernel_args("DecActArgs", ("ptr", "x t gs b sa codes scales"), ("i64", "m k x_row_stride"),
+                                 ("i32", "tiles reserved"))
+_DecGemmArgs = loader.kernel_args("DecGemmArgs", ("ptr", "w ws b sa ga gw bias out part counters"),
+                                  ("i64", "m n k units"), ("i32", "stages_per_rb ctas out_dtype reserved"))
 
 
 def _target():
@@ -275,7 +243,7 @@ def _target():
 
 @functools.lru_cache(maxsize=None)
 def _available_cached(device: str) -> tuple[bool, str]:
-    from . import builder, loader
+    from . import builder
 
     d = torch.device(device)
     if d.type != "cuda":
@@ -322,7 +290,7 @@ def prepare(device, transforms: Sequence[torch.Tensor] = (), biases: Sequence[to
     """Allocate the persistent per-device buffers (row-block counters, MXFP4's global scale) and the per-layer
     fp32 copies of ``transforms`` and ``biases`` now, outside any CUDA-graph capture or memory pool (made lazily,
     in CUDA-graph warm-up, they would stay alive in the graph's pool untracked). Idempotent;
-    :func:`wush_compile.ops.kernels.prepare` calls it."""
+    the router's :func:`wush_compile.ops.dispatch.prepare` calls it."""
     d = torch.device(device)
     if d.type != "cuda":
         return
@@ -341,6 +309,13 @@ def prepare(device, transforms: Sequence[torch.Tensor] = (), biases: Sequence[to
             _bias32(b)
 
 
+def clear() -> None:
+    """Drop the per-device buffers (:func:`prepare` or the next call makes them again)."""
+    with _STATE_LOCK:
+        _COUNTERS.clear()
+        _MX_GS.clear()
+
+
 def _state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     key = str(device)
     c = _COUNTERS.get(key)
@@ -355,8 +330,6 @@ _OCCUPANCY: dict[tuple, int] = {}
 
 
 def _function(name: str, device_index: int, smem: int, params: type):
-    from . import loader
-
     key = (name, device_index)
     fn = _FUNCS.get(key)
     if fn is None:
@@ -367,8 +340,6 @@ def _function(name: str, device_index: int, smem: int, params: type):
 
 
 def _ctas_per_sm(fn, name: str, device_index: int, threads: int, smem: int) -> int:
-    from . import loader
-
     key = (name, device_index, smem)
     occ = _OCCUPANCY.get(key)
     if occ is None:
@@ -383,15 +354,7 @@ def _ctas_per_sm(fn, name: str, device_index: int, threads: int, smem: int) -> i
 
 
 def _launch(fn, grid: int, threads: int, smem: int, stream: int, params, pdl: bool) -> None:
-    from . import loader
-
     loader.launch(fn, (grid, 1, 1), (threads, 1, 1), smem, stream, params, pdl=pdl)
-
-
-def _loader():
-    from . import loader
-
-    return loader
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -487,7 +450,7 @@ def linear(
     name = gemm_kernel_name(f, tiles, config)
     smem = smem_bytes(f, tiles, config)
     gemm_fn = _function(name, idx, smem, _DecGemmArgs)
-    p = _plan_cached(m, n, k, f, _loader().sm_count(idx), _ctas_per_sm(gemm_fn, name, idx, config.warps * 32, smem), config)
+    p = _plan_cached(m, n, k, f, loader.sm_count(idx), _ctas_per_sm(gemm_fn, name, idx, config.warps * 32, smem), config)
 
     x = _aligned(x)
     w_codes = _aligned(w_codes)

@@ -33,7 +33,6 @@ __all__ = [
     "QuantizeLaunch",
     "quantize_launch",
     "GEMM_ALIGN_K",
-    "FP8_ALIGN_K",
     "output_alignment",
     "check_gemm_shape",
 ]
@@ -45,8 +44,6 @@ _LINES = 32  # 16-byte lines per tile; a line holds rows r, r + 32, r + 64, r + 
 
 #: K must be a multiple of this for the FP4 GEMMs: 32 e2m1 values are the 16-byte TMA row granularity.
 GEMM_ALIGN_K = 32
-#: ... and for the fp8 GEMM (16 e4m3 bytes).
-FP8_ALIGN_K = 16
 
 
 def _ceil_to(x: int, m: int) -> int:

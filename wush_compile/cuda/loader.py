@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CudaUnavailable",
     "CudaLaunchError",
+    "kernel_args",
     "WushGemmArgs",
     "WushKernelInfo",
     "WushQuantArgs",
@@ -67,22 +68,22 @@ class CudaLaunchError(RuntimeError):
     """A kernel could not be prepared or launched (bad shape for the variant, driver error)."""
 
 
-class WushGemmArgs(ctypes.Structure):
-    _fields_ = [
-        ("m", ctypes.c_int64),
-        ("n", ctypes.c_int64),
-        ("k", ctypes.c_int64),
-        ("a", ctypes.c_void_p),
-        ("b", ctypes.c_void_p),
-        ("a_scale", ctypes.c_void_p),
-        ("b_scale", ctypes.c_void_p),
-        ("alpha_a", ctypes.c_void_p),
-        ("alpha_b", ctypes.c_void_p),
-        ("bias", ctypes.c_void_p),
-        ("d", ctypes.c_void_p),
-        ("sm_count", ctypes.c_int32),
-        ("max_swizzle", ctypes.c_int32),
-    ]
+_C_TYPES = {"ptr": ctypes.c_void_p, "i64": ctypes.c_int64, "i32": ctypes.c_int32}
+
+
+def kernel_args(name: str, *groups: tuple[str, str]) -> type:
+    """A ctypes struct mirroring a kernel's by-value argument struct, from groups of ("ptr" | "i64" | "i32",
+    "field field ...") in declaration order (every launch struct of the CUDA kernels is made here)."""
+    fields = [(field, _C_TYPES[kind]) for kind, names in groups for field in names.split()]
+    return type(name, (ctypes.Structure,), {"_fields_": fields})
+
+
+#: wush_gemm_abi.cuh's WushGemmArgs.
+WushGemmArgs = kernel_args("WushGemmArgs", ("i64", "m n k"), ("ptr", "a b a_scale b_scale alpha_a alpha_b bias d"),
+                           ("i32", "sm_count max_swizzle"))
+#: transform_quantize.cu's argument struct.
+WushQuantArgs = kernel_args("WushQuantArgs", ("ptr", "x t gs codes scales"), ("i64", "m k x_row_stride"),
+                            ("i32", "swizzled reserved"))
 
 
 class WushKernelInfo(ctypes.Structure):
@@ -97,21 +98,6 @@ class WushKernelInfo(ctypes.Structure):
         ("align_k", ctypes.c_int32),
         ("align_n", ctypes.c_int32),
         ("sf_vec", ctypes.c_int32),
-    ]
-
-
-class WushQuantArgs(ctypes.Structure):
-    _fields_ = [
-        ("x", ctypes.c_void_p),
-        ("t", ctypes.c_void_p),
-        ("gs", ctypes.c_void_p),
-        ("codes", ctypes.c_void_p),
-        ("scales", ctypes.c_void_p),
-        ("m", ctypes.c_int64),
-        ("k", ctypes.c_int64),
-        ("x_row_stride", ctypes.c_int64),
-        ("swizzled", ctypes.c_int32),
-        ("reserved", ctypes.c_int32),
     ]
 
 

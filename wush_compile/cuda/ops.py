@@ -9,8 +9,6 @@ Ops (CUDA; each has a fake for tracing):
   block-scaled FP4 GEMM (sm_100a / sm_120a); both scale arguments are swizzled buffers.
 - ``wush::cutlass_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, fmt)``: the calibrated linear
   (same arguments as ``wush::linear``; row-major weight scales, swizzled once per weight and cached).
-- ``wush::cutlass_fp8_gemm(a, a_scale, b, b_scale, alpha_a, alpha_b, bias, out_dtype)``: the row-scaled fp8
-  GEMM (sm_90a): ``((acc * a_scale[m]) * b_scale[n]) * (alpha_a * alpha_b) + bias[n]``.
 
 Launchers with the signatures of the torch twins in :mod:`wush_compile.ops.reference`:
 :func:`transform_quantize`, :func:`fp4_gemm`, :func:`linear`. None of them synchronizes the host; all run on
@@ -27,17 +25,17 @@ import torch
 
 from ..config import Format
 from ..ops.checks import check_linear_args
+from ..ops.operands import LinearOperands
 from . import builder, layout, loader
 
 __all__ = [
     "cutlass_transform_quantize",
     "cutlass_fp4_gemm",
     "cutlass_linear",
-    "cutlass_fp8_gemm",
     "transform_quantize",
     "fp4_gemm",
     "linear",
-    "fp8_gemm",
+    "run_linear",
     "fp4_arch",
 ]
 
@@ -120,7 +118,7 @@ class _DerivedCache:
     Keyed by data pointer rather than object identity: compiled code may hand the kernels a fresh view of the same
     buffer. Each entry holds its source alive, so a cached pointer can never be reused by another tensor. Under
     CUDA graphs a derived tensor made lazily during warm-up would land in the graph's memory pool, untracked;
-    the backend makes them beforehand, at compile time (``kernels.prepare``)."""
+    the backend makes them beforehand, at compile time (``dispatch.prepare``)."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], size: int = 4096):
         self._fn = fn
@@ -326,84 +324,25 @@ def cutlass_linear(
 ) -> torch.Tensor:
     """SPEC section 5 on the native FP4 path: fused transform+quantize (swizzled scales), block-scaled GEMM."""
     _require_cuda(x, "wush::cutlass_linear")
-    check_linear_args(x, weight_codes, weight_scales, transform, weight_global_scale, act_global_scale, bias, fmt)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    a_codes, a_scales = cutlass_transform_quantize(x2, transform, act_global_scale, fmt, True)
-    y = cutlass_fp4_gemm(a_codes, a_scales, act_global_scale, weight_codes.contiguous(),
-                         _swizzled_scales(weight_scales), weight_global_scale, bias, fmt, x.dtype)
-    return y.reshape(*lead, weight_codes.shape[0])
+    ops = LinearOperands.checked(x, weight_codes, weight_scales, transform, weight_global_scale, act_global_scale,
+                                 bias, fmt)
+    y = run_linear(x.reshape(-1, x.shape[-1]), ops)
+    return y.reshape(*x.shape[:-1], ops.n)
+
+
+def run_linear(x: torch.Tensor, ops: LinearOperands) -> torch.Tensor:
+    """The calibrated linear on x (M, K) with operands the op already checked (the router's entry point): the
+    body of ``wush::cutlass_linear`` without checking them again."""
+    fmt = ops.fmt.value
+    a_codes, a_scales = cutlass_transform_quantize(x, ops.transform, ops.act_global_scale, fmt, True)
+    return cutlass_fp4_gemm(a_codes, a_scales, ops.act_global_scale, ops.weight_codes.contiguous(),
+                            _swizzled_scales(ops.weight_scales), ops.weight_global_scale, ops.bias, fmt, x.dtype)
 
 
 @cutlass_linear.register_fake
 def _(x, weight_codes, weight_scales, transform, weight_global_scale, act_global_scale, bias, fmt):
     check_linear_args(x, weight_codes, weight_scales, transform, weight_global_scale, act_global_scale, bias, fmt)
     return x.new_empty((*x.shape[:-1], weight_codes.shape[0]))
-
-
-# ---------------------------------------------------------------- fp8 GEMM (sm_90a)
-
-
-def _check_fp8_args(a, a_scale, b, b_scale, alpha_a, alpha_b, bias, out_dtype):
-    for name, t in (("a", a), ("b", b)):
-        _require(t.dtype == torch.float8_e4m3fn and t.dim() == 2, TypeError,
-                 lambda: f"{name} must be a 2-D float8_e4m3fn tensor, got {t.dtype} {tuple(t.shape)}")
-    m, k = a.shape
-    n, kb = b.shape
-    _require(k == kb, ValueError, lambda: f"a has K={k} but b has K={kb}")
-    layout.check_gemm_shape(m, n, k, out_dtype, align_k=layout.FP8_ALIGN_K)
-    for name, t, rows in (("a_scale", a_scale, m), ("b_scale", b_scale, n)):
-        if t is not None:
-            _require(t.dtype == torch.float32 and t.numel() == rows, ValueError,
-                     lambda: f"{name} must hold {rows} fp32 row scales, got {t.dtype} with {t.numel()} elements")
-            _require(t.device == a.device, ValueError, lambda: f"{name} is on {t.device}, a on {a.device}")
-    _check_scalar("alpha_a", alpha_a, a.device)
-    _check_scalar("alpha_b", alpha_b, a.device)
-    _require(b.device == a.device, ValueError, lambda: f"b is on {b.device}, a on {a.device}")
-    if bias is not None:
-        _require(tuple(bias.shape) == (n,), ValueError, lambda: f"bias must be ({n},), got {tuple(bias.shape)}")
-    return m, n, k
-
-
-@torch.library.custom_op("wush::cutlass_fp8_gemm", mutates_args=())
-def cutlass_fp8_gemm(
-    a: torch.Tensor,
-    a_scale: Optional[torch.Tensor],
-    b: torch.Tensor,
-    b_scale: Optional[torch.Tensor],
-    alpha_a: torch.Tensor,
-    alpha_b: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """Row-scaled fp8 GEMM (sm_90a): ((a @ b.T) * a_scale[:, None] * b_scale[None, :]) * alpha_a * alpha_b + bias."""
-    _require_cuda(a, "wush::cutlass_fp8_gemm")
-    m, n, k = _check_fp8_args(a, a_scale, b, b_scale, alpha_a, alpha_b, bias, out_dtype)
-    arch = _device_arch(a.device)
-    _require(arch == "sm_90a", loader.CudaUnavailable,
-             lambda: f"the fp8 cubin is built for sm_90a only; {a.device} is {arch}")
-    a, b = a.contiguous(), b.contiguous()
-    sa = a_scale.reshape(-1).contiguous() if a_scale is not None else None
-    sb = b_scale.reshape(-1).contiguous() if b_scale is not None else None
-    for name, t in (("a", a), ("b", b)):
-        _check_aligned(name, t)
-    bias32 = _check_bias(bias, n, a.device)
-    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    kernel = loader.gemm_kernel(arch, builder.gemm_variant_name(arch, None, _OUT_NAMES[out_dtype]))
-    idx = _index(a)
-    args = loader.WushGemmArgs(
-        m=m, n=n, k=k, a=a.data_ptr(), b=b.data_ptr(), a_scale=_ptr(sa), b_scale=_ptr(sb),
-        alpha_a=alpha_a.data_ptr(), alpha_b=alpha_b.data_ptr(), bias=_ptr(bias32), d=out.data_ptr(),
-        sm_count=loader.sm_count(idx), max_swizzle=0,
-    )
-    kernel.run(args, idx, torch.cuda.current_stream(a.device).cuda_stream)
-    return out
-
-
-@cutlass_fp8_gemm.register_fake
-def _(a, a_scale, b, b_scale, alpha_a, alpha_b, bias, out_dtype):
-    m, n, _ = _check_fp8_args(a, a_scale, b, b_scale, alpha_a, alpha_b, bias, out_dtype)
-    return a.new_empty((m, n), dtype=out_dtype)
 
 
 # ---------------------------------------------------------------- launchers (torch-twin signatures)
@@ -446,7 +385,3 @@ def linear(
     """Same as :func:`wush_compile.ops.reference.linear_ref`, on the native FP4 path (``wush::cutlass_linear``)."""
     return cutlass_linear(x, w_codes, w_scales, transform, w_global_scale, a_global_scale, bias, fmt)
 
-
-def fp8_gemm(a, a_scale, b, b_scale, alpha_a, alpha_b, bias, out_dtype):
-    """The row-scaled fp8 GEMM (sm_90a), ``wush::cutlass_fp8_gemm``."""
-    return cutlass_fp8_gemm(a, a_scale, b, b_scale, alpha_a, alpha_b, bias, out_dtype)

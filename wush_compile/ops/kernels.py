@@ -6,16 +6,17 @@ Routes of :func:`linear` (``kernel`` is a concrete :class:`~wush_compile.config.
 
 * ``TRITON_DECODE`` (small M): one fused kernel - transform + quantize of the tokens in the prologue, FP4
   weights unpacked in registers, split-K; no host sync, no data-dependent allocation (CUDA-graph safe).
-  On sm_90 with M <= 16 and K % 256 == 0 it runs the CUDA decode kernels of :mod:`wush_compile.cuda.decode`
-  instead (when their cubin is available; otherwise the Triton kernels, with the reason logged once).
+  (The Hopper CUDA decode kernels are a route of their own, ``CUDA_DECODE``, run by the router.)
 * ``TRITON_FP8`` (MXFP4 prefill): activations quantized straight into row-folded e4m3 + row scales, the
   FP4 weights expanded into a scratch e4m3 buffer, ``torch._scaled_mm`` with row-wise scales
   (``use_fast_accum=False``), then an exact fallback kernel for the rows (token or weight) whose exponent
   spread does not fold into e4m3 - listed on the device, counted in :func:`fallback_stats`.
-* ``TRITON_BF16`` (NVFP4 prefill, any format): both operands dequantized exactly to bf16 (every
-  code * block scale fits bf16), cuBLAS bf16 GEMM with the global scales as its fp32 alpha.
+* ``CUBLAS_BF16`` (NVFP4 prefill, any format): both operands dequantized exactly to bf16 by Triton kernels
+  (every code * block scale fits bf16), cuBLAS bf16 GEMM with the global scales as its fp32 alpha.
 
-Importing this module does not import Triton; the kernels load on first use.
+Which route runs is the router's choice (:mod:`wush_compile.ops.dispatch`); this module only launches. Its
+per-device buffers are made by :func:`prepare` and dropped by :func:`clear`. Importing this module does not
+import Triton; the kernels load on first use.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 from .. import formats, settings
 from ..config import Format, KernelChoice
-from .checks import check_linear_args
+from .operands import LinearOperands
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ __all__ = [
     "dequantize_codes",
     "fp4_gemm",
     "linear",
+    "run_linear",
+    "run_linear_group",
+    "clear",
     "fallback_stats",
     "decode_linear",
     "decode_gemm",
@@ -60,20 +64,12 @@ __all__ = [
 _DEFAULT_SMS = 132
 #: Programs per SM the split-K heuristic aims for (enough loads in flight to cover DRAM latency).
 _PROGRAMS_PER_SM = 4
-#: fp4_gemm runs the Triton FP4 GEMM up to this M, above it exact bf16 dequantization + cuBLAS.
-FP4_GEMM_TRITON_MAX_M = 64
 #: cuBLAS's fp8 GEMM needs the output width to be a multiple of this; the fp8 route pads N with zero rows.
 FP8_N_ALIGN = 16
 #: N * K from which a layer counts as large for the decode tiles (2**25 weights, e.g. 8B down / gate_up).
 _LARGE_LAYER = 1 << 25
 #: Largest number of split-K tiles (counters) one device keeps.
 _MAX_LOCKS = 1 << 16
-#: Decode on sm_90 runs the CUDA kernels of wush_compile.cuda.decode where they apply (see _cuda_decode_reason)
-#: only when this is True (``WUSH_CUDA_DECODE=1``). Off by default: per layer in isolation they beat the Triton
-#: decode kernels (1.32x vs 1.22x bf16, geomean), but end to end under CUDA graphs the Triton route was faster
-#: (Llama-3.1-8B shape, H100, 2026-11-23: 179.3 vs 169.4 tok/s at batch 1, 2051 vs 2002 at batch 16; the
-#: CUDA activation kernel alone took 6.0 us per call there against Triton's 2.8 us; benchmarks/RESULTS.md).
-CUDA_DECODE = settings.cuda_decode()
 
 
 def triton_available() -> tuple[bool, str]:
@@ -257,10 +253,9 @@ def _stats(device: torch.device) -> torch.Tensor:
     return t
 
 
-def prepare(device, transforms: Sequence[torch.Tensor] = (), biases: Sequence[torch.Tensor] = ()) -> None:
+def prepare(device) -> None:
     """Allocate the launchers' persistent device buffers (split-K counters, fallback counters, MXFP4's global
-    scale) on ``device`` now, outside any CUDA-graph capture or graph memory pool, and derive what the CUDA
-    decode kernels cache per layer (fp32 copies of ``transforms`` and ``biases``). Idempotent."""
+    scale) on ``device`` now, outside any CUDA-graph capture or graph memory pool. Idempotent."""
     device = torch.device(device)
     if device.type != "cuda":
         return
@@ -269,10 +264,15 @@ def prepare(device, transforms: Sequence[torch.Tensor] = (), biases: Sequence[to
     _locks(device, 0)
     _stats(device)
     _mx_global(device)
-    if CUDA_DECODE and torch.cuda.get_device_capability(device) == (9, 0):
-        from ..cuda import decode as cuda_decode
 
-        cuda_decode.prepare(device, transforms, biases)
+
+def clear() -> None:
+    """Drop every per-device buffer and the host copies of scalar buffers (the next call or :func:`prepare`
+    makes them again). Split-K counters are dropped with the CUDA graphs that captured them."""
+    _LOCKS.clear()
+    _STATS.clear()
+    _MX_GLOBAL.clear()
+    _HOST_SCALARS.clear()
 
 
 def fallback_stats(device=None, reset: bool = False) -> dict:
@@ -438,14 +438,22 @@ def fp4_gemm(
     bias: torch.Tensor | None,
     fmt: str,
     out_dtype: torch.dtype,
+    route: KernelChoice | str = KernelChoice.CUBLAS_BF16,
 ) -> torch.Tensor:
-    """Block-scaled FP4 x FP4 GEMM (M, K/2) x (N, K/2) -> (M, N): exact bf16 dequantization of both operands
-    and a bf16 GEMM with fp32 accumulation, then the global scales and the bias (twin of fp4_gemm_ref)."""
+    """Block-scaled FP4 x FP4 GEMM (M, K/2) x (N, K/2) -> (M, N), twin of fp4_gemm_ref. ``route`` (the router's
+    :func:`~wush_compile.ops.dispatch.gemm_route`): CUBLAS_BF16 = exact bf16 dequantization of both operands and
+    a bf16 GEMM with fp32 accumulation, then the global scales and the bias; TRITON_DECODE = the split-K FP4
+    GEMM of the decode route (MXFP4)."""
     if a_codes.shape[1] != w_codes.shape[1]:
         raise ValueError(f"fp4_gemm: activations hold K={2 * a_codes.shape[1]}, weights K={2 * w_codes.shape[1]}")
     f = Format.parse(fmt)
+    route = KernelChoice.parse(route)
+    if route not in (KernelChoice.CUBLAS_BF16, KernelChoice.TRITON_DECODE):
+        raise ValueError(f"fp4_gemm: route must be cublas_bf16 or triton_decode, got {route.value}")
+    if route is KernelChoice.TRITON_DECODE and f is not Format.MXFP4:
+        raise ValueError("fp4_gemm: the triton_decode FP4 GEMM runs MXFP4 only; use cublas_bf16 for nvfp4")
     m, n, k = a_codes.shape[0], w_codes.shape[0], 2 * a_codes.shape[1]
-    if m <= FP4_GEMM_TRITON_MAX_M and f is Format.MXFP4:
+    if route is KernelChoice.TRITON_DECODE:
         cfg = linear_tiles(m, n, k, f, sm_count(a_codes.device), block_k=128, fused_act=True)
         return _fp4_linear(None, a_codes.contiguous(), a_scales.contiguous(), None, a_global_scale,
                            w_codes.contiguous(), w_scales.contiguous(), w_global_scale, bias, f, out_dtype, cfg)
@@ -454,37 +462,11 @@ def fp4_gemm(
     return _bf16_gemm(a, w, a_global_scale, w_global_scale, bias, out_dtype)
 
 
-@functools.lru_cache(maxsize=64)
-def _note_decode_fallback(reason: str) -> None:
-    logger.info("decode: Triton kernels instead of the CUDA decode kernels: %s", reason)
-
-
-def _cuda_decode_reason(x: torch.Tensor, n: int, f: Format) -> str | None:
-    """None when the CUDA decode kernels take this call, else why not (CUDA tensors only)."""
-    if not CUDA_DECODE:
-        return "the CUDA decode kernels are off by default (WUSH_CUDA_DECODE=1 or kernels.CUDA_DECODE = True)"
-    if _interpreting():
-        return "the Triton interpreter is active"
-    from ..cuda import decode as cuda_decode
-
-    ok, why = cuda_decode.supports(x.shape[0], n, x.shape[1], f, x.dtype)
-    if ok:
-        ok, why = cuda_decode.available(x.device)
-    return None if ok else why
-
-
 def decode_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f: Format, out_dtype, tiles=None):
-    """The decode route on x (M, K) -> (M, N) in ``out_dtype``; ``tiles`` (from :func:`linear_tiles`) pins the
-    Triton tile config (benchmarks, sweeps) and skips the CUDA decode kernels. Arguments are checked by the op."""
+    """The Triton decode route on x (M, K) -> (M, N) in ``out_dtype``; ``tiles`` (from :func:`linear_tiles`)
+    pins the tile config (benchmarks, sweeps). Arguments are checked by the op."""
     m, k = x.shape
     n = w_codes.shape[0]
-    if tiles is None and x.device.type == "cuda":
-        why = _cuda_decode_reason(x, n, f)
-        if why is None:
-            from ..cuda import decode as cuda_decode
-
-            return cuda_decode.linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f.value)
-        _note_decode_fallback(why)
     x, transform = x.contiguous(), transform.contiguous()
     cfg = tiles or linear_tiles(m, n, k, f, sm_count(x.device))
     if cfg.fused_act:
@@ -641,27 +623,38 @@ def linear_group(
     fmt: str,
     kernel: KernelChoice | str,
 ) -> list[torch.Tensor] | None:
-    """Members sharing x (M, K) and one transform, on the Triton decode route: x is transformed and quantized
-    once, then one GEMV per member reads that operand (outputs equal each member's :func:`linear` bit for bit).
-    None where this does not apply (other routes, the CUDA decode kernels, the fused-prologue tiles): the caller
-    then runs each member on its own. Arguments are checked by the op."""
+    """Members sharing x (M, K) and one transform, on the Triton decode route (see :func:`run_linear_group`).
+    Arguments are checked by the op."""
     f = Format.parse(fmt)
+    members = [LinearOperands(c, s, transform, g, a_global_scale, b, f)
+               for c, s, g, b in zip(codes, scales, w_global_scales, biases)]
+    return run_linear_group(x, members, kernel)
+
+
+def run_linear_group(x: torch.Tensor, members: Sequence[LinearOperands],
+                     kernel: KernelChoice | str) -> list[torch.Tensor] | None:
+    """Members sharing x (M, K), the transform and the act scale on the Triton decode route: x is transformed and
+    quantized once, then one GEMV per member reads that operand (outputs equal each member's :func:`linear` bit
+    for bit). None where this does not apply (other routes, the fused-prologue tiles): the caller then runs each
+    member on its own."""
     if KernelChoice.parse(kernel) is not KernelChoice.TRITON_DECODE or x.shape[0] == 0:
         return None
+    first = members[0]
+    f = first.fmt
     m, k = x.shape
-    if x.device.type == "cuda" and any(_cuda_decode_reason(x, c.shape[0], f) is None for c in codes):
-        return None
     sms = sm_count(x.device)
-    cfgs = [linear_tiles(m, c.shape[0], k, f, sms) for c in codes]
+    cfgs = [linear_tiles(m, ops.n, k, f, sms) for ops in members]
     if len({c.block_k for c in cfgs}) != 1:  # one operand needs one K step: the smallest fits every member
         step = min(c.block_k for c in cfgs)
-        cfgs = [linear_tiles(m, c.shape[0], k, f, sms, block_k=step) for c in codes]
+        cfgs = [linear_tiles(m, ops.n, k, f, sms, block_k=step) for ops in members]
     if any(c.fused_act for c in cfgs):
         return None
-    a_sa = quantize_act_f16(x.contiguous(), transform.contiguous(), a_global_scale, f.value, cfgs[0].block_k)
+    a_sa = quantize_act_f16(x.contiguous(), first.transform.contiguous(), first.act_global_scale, f.value,
+                            cfgs[0].block_k)
     return [
-        decode_gemm(a_sa, c.contiguous(), s.contiguous(), g, a_global_scale, f, cfg, b, x.dtype)
-        for c, s, g, b, cfg in zip(codes, scales, w_global_scales, biases, cfgs)
+        decode_gemm(a_sa, ops.weight_codes.contiguous(), ops.weight_scales.contiguous(), ops.weight_global_scale,
+                    ops.act_global_scale, f, cfg, ops.bias, x.dtype)
+        for ops, cfg in zip(members, cfgs)
     ]
 
 
@@ -676,32 +669,39 @@ def linear(
     fmt: str,
     kernel: KernelChoice | str,
 ) -> torch.Tensor:
-    """The fused calibrated linear on x (..., K) -> (..., N) with the chosen Triton route (see module doc)."""
-    f = check_linear_args(x, w_codes, w_scales, transform, w_global_scale, a_global_scale, bias, fmt)
-    choice = KernelChoice.parse(kernel)
+    """The fused calibrated linear on x (..., K) -> (..., N) with the chosen Triton route (see module doc):
+    checks the arguments, then :func:`run_linear`."""
+    ops = LinearOperands.checked(x, w_codes, w_scales, transform, w_global_scale, a_global_scale, bias, fmt)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    n = w_codes.shape[0]
+    y = run_linear(x.reshape(-1, x.shape[-1]), ops, kernel)
+    return y.reshape(*lead, ops.n)
+
+
+def run_linear(x: torch.Tensor, ops: LinearOperands, kernel: KernelChoice | str) -> torch.Tensor:
+    """The Triton route ``kernel`` on x (M, K) -> (M, N) with checked operands (the router's entry point)."""
+    choice = KernelChoice.parse(kernel)
+    f = ops.fmt
+    x = x.contiguous()
+    n = ops.n
     out_dtype = x.dtype
-    w_codes = w_codes.contiguous()
-    w_scales = w_scales.contiguous()
-    transform = transform.contiguous()
-    if x2.shape[0] == 0:
-        return x.new_empty((*lead, n))
+    w_codes = ops.weight_codes.contiguous()
+    w_scales = ops.weight_scales.contiguous()
+    transform = ops.transform.contiguous()
+    w_gs, a_gs, bias = ops.weight_global_scale, ops.act_global_scale, ops.bias
+    if x.shape[0] == 0:
+        return x.new_empty((0, n))
     if choice is KernelChoice.TRITON_DECODE:
-        y = decode_linear(x2, w_codes, w_scales, transform, w_global_scale, a_global_scale, bias, f, out_dtype)
-    elif choice is KernelChoice.TRITON_FP8:
+        return decode_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f, out_dtype)
+    if choice is KernelChoice.TRITON_FP8:
         if f is not Format.MXFP4:
             raise ValueError(
                 f"kernel triton_fp8 re-encodes MXFP4 exactly into fp8 and does not support {f.value} "
-                "(its e4m3 block scales do not fold); use triton_bf16 or triton_decode"
+                "(its e4m3 block scales do not fold); use cublas_bf16 or triton_decode"
             )
-        y = _fp8_linear(x2, w_codes, w_scales, transform, w_global_scale, a_global_scale, bias, out_dtype)
-    elif choice is KernelChoice.TRITON_BF16:
-        y = _bf16_linear(x2, w_codes, w_scales, transform, w_global_scale, a_global_scale, bias, f, out_dtype)
-    else:
-        raise ValueError(
-            f"kernels.linear runs the Triton routes triton_decode, triton_fp8 or triton_bf16, got {choice.value}; "
-            "the dispatcher handles auto / reference / cutlass"
-        )
-    return y.reshape(*lead, n)
+        return _fp8_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, out_dtype)
+    if choice is KernelChoice.CUBLAS_BF16:
+        return _bf16_linear(x, w_codes, w_scales, transform, w_gs, a_gs, bias, f, out_dtype)
+    raise ValueError(
+        f"kernels.linear runs the routes triton_decode, triton_fp8 or cublas_bf16, got {choice.value}; "
+        "the router (wush_compile.ops.dispatch) runs auto / reference / cuda_decode / cutlass"
+    )

@@ -1,6 +1,7 @@
 """torch.library ops of the ``wush`` namespace: schemas, fake (meta) implementations, CPU implementations
-(the torch twins of :mod:`wush_compile.ops.reference`) and CUDA implementations (the Triton launchers of
-:mod:`wush_compile.ops.kernels`, imported lazily; the Blackwell launchers of :mod:`wush_compile.cuda`).
+(the torch twins of :mod:`wush_compile.ops.reference`) and CUDA implementations (through the router,
+:mod:`wush_compile.ops.dispatch`, which runs the Triton launchers of :mod:`wush_compile.ops.kernels` or the CUDA
+launchers of :mod:`wush_compile.cuda`).
 
 Ops:
     wush::linear(x, codes, scales, T, w_gs, a_gs, bias, fmt) -> y
@@ -26,15 +27,14 @@ real shapes, and ``auto`` ops choose the kernel from the real M per call; Induct
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Optional, Sequence
 
 import torch
 
-from ..config import Format, KernelChoice
 from . import dispatch, reference
 from .checks import check_gemm_args, check_kernel_arg, check_linear_args, check_quantize_args
+from .operands import LinearOperands, group_operands
 
 logger = logging.getLogger(__name__)
 
@@ -53,56 +53,9 @@ __all__ = [
 ]
 
 # ------------------------------------------------------------------------------------------- impl helpers
-
-
-@functools.lru_cache(maxsize=None)
-def _note_once(message: str) -> None:
-    logger.warning("%s", message)
-
-
-def _kernels():
-    """The Triton launchers module, or None (with one logged note) when it cannot be imported."""
-    ok, why = dispatch.triton_kernels_status()
-    if not ok:
-        _note_once(f"wush ops: Triton kernels unavailable, running the torch reference instead: {why}")
-        return None
-    from . import kernels
-
-    return kernels
-
-
-def _cutlass_linear():
-    try:
-        from .. import cuda as wcuda
-
-        return wcuda.linear
-    except Exception as exc:
-        _note_once(f"wush ops: wush_compile.cuda.linear unavailable ({type(exc).__name__}: {exc}); reference instead")
-        return None
-
-
-def _check_runnable(choice: KernelChoice, x: torch.Tensor, fmt: str) -> KernelChoice:
-    """Triton on CPU tensors runs only in the interpreter; anything that cannot run on CPU is the reference."""
-    if x.device.type == "cpu" and choice is not KernelChoice.REFERENCE:
-        ok, why = dispatch.supports(choice, fmt, x.device)
-        if not ok:
-            _note_once(f"wush ops: kernel {choice.value} cannot run on CPU tensors ({why}); reference instead")
-            return KernelChoice.REFERENCE
-    return choice
-
-
-def _linear_2d(choice: KernelChoice, x2, codes, scales, transform, wgs, ags, bias, fmt) -> torch.Tensor:
-    """(M, K) -> (M, N) with the given concrete kernel."""
-    choice = _check_runnable(choice, x2, fmt)
-    if choice in dispatch.TRITON_CHOICES:
-        kernels = _kernels()
-        if kernels is not None:
-            return kernels.linear(x2.contiguous(), codes, scales, transform, wgs, ags, bias, fmt, choice)
-    elif choice is KernelChoice.CUTLASS:
-        fn = _cutlass_linear()
-        if fn is not None:
-            return fn(x2.contiguous(), codes, scales, transform, wgs, ags, bias, fmt)
-    return reference.linear_ref(x2, codes, scales, transform, wgs, ags, bias, fmt)
+#
+# The CUDA (and Triton-in-the-interpreter) implementations check their operands once into a LinearOperands and
+# hand it to the router (:mod:`.dispatch`), which picks the route and runs it; nothing below decides a kernel.
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:
@@ -152,13 +105,8 @@ def transform_quantize(
 
 @transform_quantize.register_kernel("cuda")
 def _transform_quantize_cuda(x, transform, act_global_scale, fmt):
-    check_quantize_args(x, transform, act_global_scale, fmt)
-    x2 = _flatten(x)
-    kernels = _kernels()
-    if kernels is not None:
-        codes, scales = kernels.transform_quantize(x2.contiguous(), transform, act_global_scale, fmt)
-    else:
-        codes, scales = reference.transform_quantize_ref(x2, transform, act_global_scale, fmt)
+    f = check_quantize_args(x, transform, act_global_scale, fmt)
+    codes, scales = dispatch.run_transform_quantize(_flatten(x), transform, act_global_scale, f)
     return codes.reshape(*x.shape[:-1], -1), scales.reshape(*x.shape[:-1], -1)
 
 
@@ -195,13 +143,9 @@ def fp4_gemm(
 
 @fp4_gemm.register_kernel("cuda")
 def _fp4_gemm_cuda(a_codes, a_scales, a_global_scale, w_codes, w_scales, w_global_scale, bias, fmt, out_dtype):
-    check_gemm_args(a_codes, a_scales, a_global_scale, w_codes, w_scales, w_global_scale, bias, fmt, out_dtype)
-    kernels = _kernels()
-    fn = kernels.fp4_gemm if kernels is not None else reference.fp4_gemm_ref
-    return fn(
-        a_codes.contiguous(), a_scales.contiguous(), a_global_scale, w_codes, w_scales, w_global_scale, bias, fmt,
-        out_dtype,
-    )
+    f = check_gemm_args(a_codes, a_scales, a_global_scale, w_codes, w_scales, w_global_scale, bias, fmt, out_dtype)
+    return dispatch.run_fp4_gemm(a_codes, a_scales, a_global_scale, w_codes, w_scales, w_global_scale, bias, f,
+                                 out_dtype)
 
 
 @fp4_gemm.register_fake
@@ -213,13 +157,14 @@ def _fp4_gemm_fake(a_codes, a_scales, a_global_scale, w_codes, w_scales, w_globa
 # ------------------------------------------------------------------------------------ wush::fused_linear
 
 
-def _fused_linear_impl(x, weight_codes, weight_scales, transform, wgs, ags, bias, fmt, kernel):
-    check_linear_args(x, weight_codes, weight_scales, transform, wgs, ags, bias, fmt, op="wush fused_linear")
+def _fused_linear_impl(x, weight_codes, weight_scales, transform, weight_global_scale, act_global_scale, bias, fmt,
+                       kernel):
+    ops = LinearOperands.checked(x, weight_codes, weight_scales, transform, weight_global_scale, act_global_scale,
+                                 bias, fmt, op="wush fused_linear")
     x2 = _flatten(x)  # (M, K)
-    n = weight_codes.shape[0]
-    choice = dispatch.runtime_choice(kernel, x2.shape[0], n, x2.shape[1], fmt, x.device)
-    y = _linear_2d(choice, x2, weight_codes, weight_scales, transform, wgs, ags, bias, fmt)  # (M, N)
-    return y.reshape(*x.shape[:-1], n)
+    choice = dispatch.runtime_choice(kernel, x2.shape[0], ops.n, ops.k, ops.fmt, x.device)
+    y = dispatch.run_linear(choice, x2, ops)  # (M, N)
+    return y.reshape(*x.shape[:-1], ops.n)
 
 
 @torch.library.custom_op("wush::fused_linear", mutates_args=(), device_types="cpu")
@@ -255,52 +200,24 @@ def _fused_linear_fake(x, weight_codes, weight_scales, transform, weight_global_
 # ------------------------------------------------------------------------------ wush::fused_linear_group
 
 
-def _check_group(x, codes, scales, transform, wgs, ags, biases, fmt, kernel) -> Format:
+def _check_group(x, codes, scales, transform, weight_global_scales, act_global_scale, biases, fmt,
+                 kernel) -> tuple[LinearOperands, ...]:
     op = "wush fused_linear_group"
-    n = len(codes)
-    if n == 0 or not (len(scales) == len(wgs) == len(biases) == n):
-        raise ValueError(
-            f"{op}: needs one weight_codes, weight_scales, weight_global_scale and bias (or None) per member; got "
-            f"{len(codes)}, {len(scales)}, {len(wgs)}, {len(biases)}"
-        )
-    f = Format.parse(fmt)
-    for i in range(n):
-        check_linear_args(x, codes[i], scales[i], transform, wgs[i], ags, biases[i], fmt, op=f"{op} member {i}")
+    members = group_operands(x, codes, scales, transform, weight_global_scales, act_global_scale, biases, fmt, op=op)
     check_kernel_arg(kernel, op)
-    return f
+    return members
 
 
-def _fused_linear_group_impl(x, weight_codes, weight_scales, transform, wgs, ags, biases, fmt, kernel):
-    _check_group(x, weight_codes, weight_scales, transform, wgs, ags, biases, fmt, kernel)
+def _fused_linear_group_impl(x, weight_codes, weight_scales, transform, weight_global_scales, act_global_scale,
+                             biases, fmt, kernel):
+    members = _check_group(x, weight_codes, weight_scales, transform, weight_global_scales, act_global_scale,
+                           biases, fmt, kernel)
     x2 = _flatten(x)  # (M, K)
     lead = x.shape[:-1]
-    n_total = sum(c.shape[0] for c in weight_codes)
-    choice = dispatch.runtime_choice(kernel, x2.shape[0], n_total, x2.shape[1], fmt, x.device)
-    choice = _check_runnable(choice, x2, fmt)
-    outs = None
-    kernels = _kernels() if choice in dispatch.TRITON_CHOICES else None
-    if kernels is not None:
-        # The decode route quantizes x once for the group; elsewhere each member's kernel quantizes it itself.
-        outs = kernels.linear_group(x2.contiguous(), list(weight_codes), list(weight_scales), transform, list(wgs),
-                                    ags, list(biases), fmt, choice)
-        if outs is None:
-            outs = [
-                kernels.linear(x2.contiguous(), c, s, transform, g, ags, b, fmt, choice)
-                for c, s, g, b in zip(weight_codes, weight_scales, wgs, biases)
-            ]
-    elif choice is KernelChoice.CUTLASS:
-        outs = [
-            _linear_2d(choice, x2, c, s, transform, g, ags, b, fmt)
-            for c, s, g, b in zip(weight_codes, weight_scales, wgs, biases)
-        ]
-    if outs is None:
-        # Reference: transform + quantize x once, then one FP4 GEMM per member on the shared codes.
-        a_codes, a_scales = reference.transform_quantize_ref(x2, transform, ags, fmt)  # (M, K/2), (M, K/G)
-        outs = [
-            reference.fp4_gemm_ref(a_codes, a_scales, ags, c, s, g, b, fmt, x.dtype)
-            for c, s, g, b in zip(weight_codes, weight_scales, wgs, biases)
-        ]
-    return [y.reshape(*lead, c.shape[0]) for y, c in zip(outs, weight_codes)]
+    n_total = sum(ops.n for ops in members)
+    choice = dispatch.runtime_choice(kernel, x2.shape[0], n_total, members[0].k, members[0].fmt, x.device)
+    outs = dispatch.run_linear_group(choice, x2, members)
+    return [y.reshape(*lead, ops.n) for y, ops in zip(outs, members)]
 
 
 @torch.library.custom_op("wush::fused_linear_group", mutates_args=(), device_types="cpu")

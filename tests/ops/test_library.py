@@ -11,7 +11,7 @@ from wush_compile import formats
 from wush_compile.config import Format
 from wush_compile.ops import reference
 
-from ._models import wush_linear_from
+from ..runtime._models import wush_linear_from
 
 FMTS = ("mxfp4", "nvfp4")
 

@@ -1,6 +1,6 @@
 """Golden tests (expecttest): the rewritten FX graph and the explain table of a tiny model.
 
-Regenerate after an intended change with ``EXPECTTEST_ACCEPT=1 pytest tests/runtime/test_golden.py``.
+Regenerate after an intended change with ``EXPECTTEST_ACCEPT=1 pytest tests/passes/test_golden.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ expecttest = pytest.importorskip("expecttest", reason="golden tests need expectt
 import wush_compile  # noqa: E402
 from wush_compile import backend as wb  # noqa: E402
 
-from ._models import TinyAttention  # noqa: E402
+from ..runtime._models import TinyAttention  # noqa: E402
 
 _PLACEHOLDER = re.compile(r"\bl_self_((?:modules_[A-Za-z0-9]+_)+)(?:buffers|parameters)_([A-Za-z_]+?)_\b")
 

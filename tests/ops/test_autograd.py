@@ -10,7 +10,7 @@ import wush_compile  # noqa: F401  (registers the ops and the backend)
 from wush_compile import formats
 from wush_compile.transforms import transform_activations
 
-from ._models import calibrate_llama, tiny_llama, wush_linear_from
+from ..runtime._models import calibrate_llama, tiny_llama, wush_linear_from
 
 FMTS = ("mxfp4", "nvfp4")
 
