@@ -205,3 +205,34 @@ def test_asm_expansion_equals_portable(bw, bt, warps):
                          tiles=fp8core.Fp8Tiles(block_w=bw, block_t=bt, num_warps=warps, use_asm=a))
           for a in (True, False)]
     assert torch.equal(ys[0], ys[1])
+
+
+def test_router_runs_fp8core_when_pinned_single_and_group():
+    """The router's fp8core entry (checked operands, weights packed once per tensor) equals the module's own
+    linear, for one layer and for a group sharing x; NVFP4 and K % 128 != 0 are refused with the reason."""
+    from wush_compile.config import Format, KernelChoice
+    from wush_compile.ops import dispatch
+    from wush_compile.ops.operands import LinearOperands, group_operands
+
+    gen = torch.Generator().manual_seed(21)
+    m, k = 9, 256
+    x = torch.randn(m, k, generator=gen).to(DEV)
+    t = torch.linalg.qr(torch.randn(k // G, G, G, generator=gen))[0].contiguous().to(DEV)
+    a_gs = torch.tensor(formats.MXFP4_GLOBAL_SCALE, device=DEV)
+    layers = [_layer(n, k, gen) for n in (40, 24)]
+    ops = LinearOperands.checked(x, *layers[0][:2], t, layers[0][2], a_gs, None, "mxfp4")
+    y = dispatch.run_linear(KernelChoice.FP8CORE, x, ops)
+    want = fp8core.linear(x, fp8core.pack_weights(layers[0][0]), layers[0][1], t, layers[0][2])
+    assert torch.equal(y, want)
+    assert fp8core.packed_codes(layers[0][0]) is fp8core.packed_codes(layers[0][0])  # packed once
+    members = group_operands(x, [c for c, _, _ in layers], [s for _, s, _ in layers], t, [g for _, _, g in layers],
+                             a_gs, [None, None], "mxfp4")
+    outs = dispatch.run_linear_group(KernelChoice.FP8CORE, x, members)
+    for (c, s, g), o in zip(layers, outs):
+        assert torch.equal(o, fp8core.linear(x, fp8core.pack_weights(c), s, t, g))
+    ok, why = dispatch.supports("fp8core", Format.NVFP4, DEV)
+    assert not ok and "nvfp4" in why
+    ok, why = dispatch.supports("fp8core", Format.MXFP4, DEV, k=96)
+    assert not ok and "K=96" in why
+    dispatch.clear()
+    assert not fp8core._PACKED

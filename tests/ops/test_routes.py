@@ -52,11 +52,15 @@ def test_pinned_cuda_decode_runs_where_it_can_and_falls_back_with_a_reason():
     assert choice is KC.REFERENCE and "needs CUDA tensors" in reason
 
 
-def test_fp8core_slot_is_in_the_table_and_off():
+def test_fp8core_is_off_in_auto_but_runs_when_pinned():
     rows = [r for r in dispatch.AUTO_ROUTES if r.route is KC.FP8CORE]
     assert len(rows) == 1 and rows[0].on == "never" and rows[0].off_reason == "not measured faster"
+    choice, reason = dispatch.choose_kernel(4096, 64, 512, "mxfp4", "cuda", "auto", count=False, **HOPPER)
+    assert choice is KC.TRITON_FP8
     choice, reason = dispatch.choose_kernel(4096, 64, 512, "mxfp4", "cuda", "fp8core", count=False, **HOPPER)
-    assert choice is KC.TRITON_FP8 and "pinned fp8core cannot run" in reason and "not measured faster" in reason
+    assert choice is KC.FP8CORE
+    choice, reason = dispatch.choose_kernel(4096, 64, 512, "nvfp4", "cuda", "fp8core", count=False, **HOPPER)
+    assert choice is not KC.FP8CORE and "pinned fp8core cannot run" in reason and "nvfp4" in reason
 
 
 def test_every_concrete_route_has_a_path_and_a_table_row_or_a_reason():

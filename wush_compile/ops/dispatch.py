@@ -304,7 +304,7 @@ def _supports(choice: KernelChoice, fmt: Format, m: Optional[int], n: int, k: Op
             return False, f"cutlass needs CUDA tensors, these are on {mach.device_type}"
         return mach.cutlass if not mach.cutlass[0] else (True, "")
     if choice is KernelChoice.FP8CORE:
-        return False, "fp8core is not routed yet (not measured faster than triton_fp8 end to end)"
+        return _supports_fp8core(fmt, k, mach)
     if choice is KernelChoice.CUDA_DECODE:
         return _supports_cuda_decode(fmt, m, n, k, mach)
     # Triton choices
@@ -322,6 +322,22 @@ def _supports(choice: KernelChoice, fmt: Format, m: Optional[int], n: int, k: Op
             return False, f"triton_fp8 re-encodes MXFP4 exactly into fp8; {fmt.value} scales do not fold (use cublas_bf16)"
         if mach.device_type == "cuda" and mach.capability is not None and mach.capability < MIN_FP8_CAPABILITY:
             return False, f"capability {mach.capability} has no fp8 tensor cores (needs {MIN_FP8_CAPABILITY})"
+    return True, ""
+
+
+def _supports_fp8core(fmt: Format, k, mach: Machine) -> tuple[bool, str]:
+    if fmt is not Format.MXFP4:
+        return False, f"fp8core folds MXFP4's power-of-two scales exactly into e4m3; {fmt.value} has no exact fold"
+    if k is not None and k % 128:
+        return False, f"fp8core needs K % 128 == 0, this layer has K={k}"
+    if not mach.triton[0]:
+        return False, mach.triton[1]
+    if mach.device_type == "cpu":
+        return (True, "") if mach.interpreter else (False, "Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+    if mach.device_type != "cuda":
+        return False, f"fp8core needs CUDA tensors, these are on {mach.device_type}"
+    if mach.capability is not None and mach.capability < MIN_FP8_CAPABILITY:
+        return False, f"capability {mach.capability} has no fp8 tensor cores (needs {MIN_FP8_CAPABILITY})"
     return True, ""
 
 
@@ -585,6 +601,13 @@ def _cuda():
     return wcuda
 
 
+def _fp8core():
+    from . import fp8core
+
+    _USED["fp8core"] = fp8core
+    return fp8core
+
+
 def _runnable(choice: KernelChoice, x: torch.Tensor, fmt: Format) -> KernelChoice:
     """Triton on CPU tensors runs only in the interpreter; anything that cannot run on CPU is the reference."""
     if x.device.type == "cpu" and choice is not KernelChoice.REFERENCE:
@@ -612,6 +635,8 @@ def run_linear(choice: KernelChoice, x2: torch.Tensor, ops: LinearOperands) -> t
         wcuda = _cuda()
         if wcuda is not None:
             return wcuda.run_linear(x2.contiguous(), ops)
+    elif choice is KernelChoice.FP8CORE:
+        return _fp8core().run_linear(x2.contiguous(), ops)
     return reference.linear_ref(x2, *ops.args())
 
 
@@ -626,6 +651,8 @@ def run_linear_group(choice: KernelChoice, x2: torch.Tensor, members: Sequence[L
         if outs is None:
             outs = [kernels.run_linear(x2.contiguous(), ops, choice) for ops in members]
         return outs
+    if choice is KernelChoice.FP8CORE:
+        return _fp8core().run_linear_group(x2.contiguous(), members)
     if choice in (KernelChoice.CUTLASS, KernelChoice.CUDA_DECODE):
         return [run_linear(choice, x2, ops) for ops in members]
     # Reference: transform + quantize x once, then one FP4 GEMM per member on the shared codes.
@@ -690,5 +717,6 @@ def clear() -> None:
     hold their sources alive; the next call allocates again. The compiler backend calls it when dynamo resets."""
     for mod in list(_USED.values()):
         mod.clear()  # type: ignore[attr-defined]
+
     _runtime_auto.cache_clear()
     _device_family.cache_clear()

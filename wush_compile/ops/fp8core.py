@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 
 import torch
 
@@ -102,6 +103,7 @@ def unpack_weights(packed: torch.Tensor) -> torch.Tensor:
 
 
 _STATS: dict = {}
+_PACKED: dict = {}
 
 
 def _stats(device) -> torch.Tensor:
@@ -251,3 +253,39 @@ def linear(x, w_packed, w_scales, transform, w_global_scale, bias=None, tiles: F
     q, rs, sc, state = quantize_act_fp8(x2, transform)
     y = gemm(q, rs, sc, state, w_packed.contiguous(), w_scales.contiguous(), w_global_scale, bias, x.dtype, tiles)
     return y.reshape(*lead, n)
+
+
+# ---- the router's entry points (checked operands from ops.operands.LinearOperands) ----
+
+
+def packed_codes(codes: torch.Tensor) -> torch.Tensor:
+    """The fp8core packing of a layer's codes, made once per tensor (and version) and kept while the codes
+    live: the first call of a layer packs (eagerly, before any CUDA-graph capture), later calls reuse it."""
+    hit = _PACKED.get(id(codes))
+    if hit is not None and hit[0]() is codes and hit[1] == codes._version:
+        return hit[2]
+    packed = pack_weights(codes.contiguous())
+    _PACKED[id(codes)] = (weakref.ref(codes), codes._version, packed)
+    return packed
+
+
+def clear() -> None:
+    """Drop the packed weights and the counters (the backend calls this through dispatch.clear)."""
+    _PACKED.clear()
+    _STATS.clear()
+
+
+def run_linear(x2: torch.Tensor, ops) -> torch.Tensor:
+    if x2.shape[0] == 0:
+        return x2.new_empty((0, ops.n))
+    return linear(x2, packed_codes(ops.weight_codes), ops.weight_scales.contiguous(), ops.transform,
+                  ops.weight_global_scale, ops.bias)
+
+
+def run_linear_group(x2: torch.Tensor, members) -> list[torch.Tensor]:
+    """Members sharing x and the transform: the activations are quantized once, one GEMM per member."""
+    if x2.shape[0] == 0:
+        return [x2.new_empty((0, ops.n)) for ops in members]
+    q, rs, sc, state = quantize_act_fp8(x2, members[0].transform)
+    return [gemm(q, rs, sc, state, packed_codes(ops.weight_codes), ops.weight_scales.contiguous(),
+                 ops.weight_global_scale, ops.bias, x2.dtype) for ops in members]
