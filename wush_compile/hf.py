@@ -77,6 +77,9 @@ _GUARD = "weight"
 _MODULE_KEYS = ("fmt", "transform_kind", "share_group", "bias", "in_features", "out_features", "dtype")
 #: Optional per-module key: ``{buffer name: CRC-32 of its bytes}``, checked after loading.
 _CRC_KEY = "crc32"
+#: Optional per-module key (NVFP4): ``true`` when the layer quantizes activations with a per-call dynamic global
+#: scale (``WushLinear.dynamic_act_scale``); absent means static.
+_DYNAMIC_KEY = "dynamic_act_scale"
 #: Storage dtypes a transform / bias may have.
 _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: safetensors dtype tags.
@@ -190,6 +193,8 @@ class WushQuantizationConfig(QuantizationConfigMixin):
                     "out_features": int(mod.out_features),
                     "dtype": _dtype_name(mod.transform.dtype),
                 }
+                if mod.dynamic_act_scale:
+                    modules[name][_DYNAMIC_KEY] = True
             elif isinstance(mod, nn.Linear):
                 not_converted.append(name)
         fmts = {e["fmt"] for e in modules.values()}
@@ -224,6 +229,14 @@ def _check_levels_agree(qc: "WushQuantizationConfig", calib: WushConfig | None, 
             )
         if top is not None and top != _MIXED and not values and qc.modules:
             raise CheckpointError(f"{where}: {top_key} is {top!r} but no module records it")
+    if calib is not None and qc.modules:
+        want = calib.act_scale.value == "dynamic"
+        differ = sorted(n for n, e in qc.modules.items() if bool(e.get(_DYNAMIC_KEY, False)) != want)
+        if differ:
+            raise CheckpointError(
+                f"{where}: calibration.act_scale is {calib.act_scale.value!r} but module {differ[0]!r} "
+                f"{'lacks' if want else 'has'} {_DYNAMIC_KEY}; the config does not agree with itself - save it again"
+            )
     if calib is not None and qc.method is not None and qc.method != calib.method.value:
         raise CheckpointError(
             f"{where}: method is {qc.method!r} but calibration.method is {calib.method.value!r}; the config was "
@@ -242,7 +255,7 @@ def _check_module_entry(name: str, entry: Any) -> dict[str, Any]:
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: expected a mapping, got {entry!r}")
     missing = [k for k in _MODULE_KEYS if k not in entry]
-    extra = sorted(set(entry) - set(_MODULE_KEYS) - {_CRC_KEY})
+    extra = sorted(set(entry) - set(_MODULE_KEYS) - {_CRC_KEY, _DYNAMIC_KEY})
     if missing or extra:
         raise CheckpointError(f"{where}: missing keys {missing}, unknown keys {extra}; expected {list(_MODULE_KEYS)}")
     sums = entry.get(_CRC_KEY)
@@ -271,6 +284,10 @@ def _check_module_entry(name: str, entry: Any) -> dict[str, Any]:
         raise CheckpointError(f"{where}: bias must be true or false, got {entry['bias']!r}")
     if entry["share_group"] is not None and not isinstance(entry["share_group"], str):
         raise CheckpointError(f"{where}: share_group must be a string or null, got {entry['share_group']!r}")
+    if _DYNAMIC_KEY in entry and (entry[_DYNAMIC_KEY] is not True or fmt is not Format.NVFP4):
+        raise CheckpointError(
+            f"{where}: {_DYNAMIC_KEY} may only be true, on an nvfp4 layer; got {entry[_DYNAMIC_KEY]!r} ({fmt.value})"
+        )
     return dict(entry)
 
 
@@ -521,6 +538,7 @@ def replace_linears(model: nn.Module, qconfig: WushQuantizationConfig) -> int:
             device="meta",
             transform_kind=entry["transform_kind"],
             share_group=entry["share_group"],
+            dynamic_act_scale=bool(entry.get(_DYNAMIC_KEY, False)),
         )
         parent_name, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -7,7 +7,7 @@ import hashlib
 import torch
 from torch import nn
 
-from . import formats
+from . import formats, transforms
 from .config import Format, TransformKind
 from .ops import library as _ops  # noqa: F401  (registers torch.ops.wush.linear)
 
@@ -54,7 +54,11 @@ class WushLinear(nn.Module):
                                                  -1 for a row without a finite scale); None for NVFP4
 
     Attributes (not tensors; saved in the checkpoint config): ``fmt``, ``transform_kind``, ``share_group`` (name
-    of the group of layers that read the same input with an identical transform, or None).
+    of the group of layers that read the same input with an identical transform, or None), ``dynamic_act_scale``
+    (NVFP4 only: each call quantizes its activations with the global scale ``amax(x_b @ T_b^T) / (448 * 6)`` of
+    that call's transformed input instead of the static ``act_global_scale``, so inputs far above the
+    calibration range do not saturate; costs one more transform and reduction per call, and a row's result
+    then depends on the other rows of the call).
 
     ``transform_key`` (not saved; recomputed): a digest of ``transform`` and ``act_global_scale``
     (:func:`content_key`). Why it exists: ``torch.compile`` makes the module buffers graph INPUTS, so a second
@@ -80,9 +84,17 @@ class WushLinear(nn.Module):
         device=None,
         transform_kind: TransformKind | str = TransformKind.WUSH,
         share_group: str | None = None,
+        dynamic_act_scale: bool = False,
     ) -> None:
         super().__init__()
         fmt = Format.parse(fmt)
+        if not isinstance(dynamic_act_scale, bool):
+            raise TypeError(f"WushLinear: dynamic_act_scale must be True or False, got {dynamic_act_scale!r}")
+        if dynamic_act_scale and fmt is not Format.NVFP4:
+            raise ValueError(
+                f"WushLinear: dynamic_act_scale applies to NVFP4 only ({fmt.value} activation scales are per-block "
+                "powers of two and need no global scale); pass dynamic_act_scale=False"
+            )
         formats.check_group_divisible(in_features, fmt, what="WushLinear in_features")
         g = fmt.group_size
         self.in_features = in_features
@@ -90,6 +102,7 @@ class WushLinear(nn.Module):
         self.fmt = fmt
         self.transform_kind = TransformKind.parse(transform_kind)
         self.share_group = share_group
+        self.dynamic_act_scale = dynamic_act_scale
         kw = dict(device=device)
         self.register_buffer("weight_codes", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, **kw))
         self.register_buffer("weight_scales", torch.zeros(out_features, in_features // g, dtype=torch.uint8, **kw))
@@ -173,10 +186,18 @@ class WushLinear(nn.Module):
             self.weight_scales,
             self.transform,
             self.weight_global_scale,
-            self.act_global_scale,
+            self.call_act_global_scale(x),
             self.bias,
             self.fmt.value,
         )
+
+    def call_act_global_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation global scale a call on ``x`` quantizes with: the ``act_global_scale`` buffer, or with
+        ``dynamic_act_scale`` the NVFP4 scale of this call's transformed input (finite values; 1.0 when all are 0)."""
+        if not self.dynamic_act_scale:
+            return self.act_global_scale
+        xt = transforms.transform_activations(x.detach(), self.transform)  # (..., K) fp32
+        return formats.nvfp4_global_scale(xt)  # () fp32
 
     def dequantized_weight(self) -> torch.Tensor:
         """The effective weight in the original space, ``dequant(W') @ T`` blockwise, fp32 (N, K)."""
@@ -190,4 +211,5 @@ class WushLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"fmt={self.fmt.value}, transform={self.transform_kind.value}"
             + (f", share_group={self.share_group}" if self.share_group else "")
+            + (", dynamic_act_scale=True" if self.dynamic_act_scale else "")
         )
