@@ -209,6 +209,9 @@ def run_quantize(s: QuantizeSettings) -> dict:
             print(f"  {name_}: {reason}")
     else:
         print("every decoder Linear quantized; embeddings and lm_head in high precision")
+    warnings = calibration_warnings(configs, reports)
+    for w in warnings:
+        print(f"warning ({w['format']}/{w['method']}/{w['transform']}): {w['message']}")
     print(f"total wall time {total:.1f} s")
     if s.out:
         print(f"saved {s.formats[0].value}/{s.methods[0].value}/{s.transform.value} to {s.out}")
@@ -219,6 +222,7 @@ def run_quantize(s: QuantizeSettings) -> dict:
             {"format": r.format, "method": r.method, "transform": r.transform, "ppl": r.ppl, "layer_rel_err": r.layer_rel_err}
             for r in rows
         ],
+        "warnings": warnings,
         "settings": {
             "model": name,
             "dtype": s.dtype,
@@ -234,6 +238,15 @@ def run_quantize(s: QuantizeSettings) -> dict:
             json.dump(result, f, indent=2)
         print(f"wrote {s.json_path}")
     return result
+
+
+def calibration_warnings(configs: list[WushConfig], reports) -> list[dict]:
+    """The calibration reports' warnings (e.g. fewer tokens than a layer's K), one entry per configuration and
+    message: ``{"format", "method", "transform", "message"}`` (what ``--json`` writes under ``"warnings"``)."""
+    return [
+        {"format": c.format.value, "method": c.method.value, "transform": c.transform.value, "message": w}
+        for c, rep in zip(configs, reports) for w in rep.warnings
+    ]
 
 
 def baseline_label(model_spec: str | None) -> str:
