@@ -299,3 +299,26 @@ def test_resaving_a_format_1_checkpoint_writes_format_2(tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     want = torch.load(V1 / "expected_logits.pt")
     assert torch.equal(logits(again, want["ids"]), want["logits"])
+
+
+def test_unattached_hand_assembled_model_refuses_a_plain_save(tmp_path):
+    """WushLinears swapped into a model by hand, without hf.attach: save_pretrained raises instead of writing a
+    checkpoint without quantization_config (which would load with random Linears); attached, it saves and loads."""
+    from calibrate.layer import quantize_linear
+    from wush_compile.errors import WushUserError
+
+    model = tiny_llama(seed=4)
+    cfg = WushConfig(format="mxfp4", method="rtn", transform="hadamard")
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj = quantize_linear(mlp.down_proj, None, cfg, name="model.layers.0.mlp.down_proj")
+    state = model.state_dict()  # a plain state_dict outside save_pretrained is fine
+    assert "model.layers.0.mlp.down_proj.weight_codes" in state
+    with pytest.raises(WushUserError, match=r"model.layers.0.mlp.down_proj\).*hf.attach\(model, config\)"):
+        model.save_pretrained(tmp_path / "plain")
+    assert not list((tmp_path / "plain").glob("*.safetensors"))
+    hf.attach(model, cfg)
+    model.save_pretrained(tmp_path / "wush")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "wush")
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, WushLinear)
+    x = ids()
+    assert torch.equal(logits(loaded, x), logits(model, x))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 
 import torch
 from torch import nn
 
 from . import formats, transforms
 from .config import Format, TransformKind
+from .errors import WushUserError
 from .ops import library as _ops  # noqa: F401  (registers torch.ops.wush.linear)
 
 __all__ = ["WushLinear", "content_key", "key_is_current"]
@@ -159,6 +161,10 @@ class WushLinear(nn.Module):
         self.refresh_transform_key()  # a dtype change rounds the transform
         return self
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        _check_not_saved_plain(self, prefix)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def refresh_row_exponent(self) -> None:
         """Recompute ``weight_row_exponent`` from ``weight_scales`` (MXFP4; a no-op for NVFP4). Call after the
         scales change."""
@@ -213,3 +219,40 @@ class WushLinear(nn.Module):
             + (f", share_group={self.share_group}" if self.share_group else "")
             + (", dynamic_act_scale=True" if self.dynamic_act_scale else "")
         )
+
+
+def _save_pretrained_caller():
+    """The model whose ``PreTrainedModel.save_pretrained`` is on the call stack (None when none is)."""
+    mu = sys.modules.get("transformers.modeling_utils")
+    if mu is None:
+        return None
+    import inspect
+
+    code = inspect.unwrap(mu.PreTrainedModel.save_pretrained).__code__
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is code:
+            return frame.f_locals.get("self")
+        frame = frame.f_back
+    return None
+
+
+def _check_not_saved_plain(layer: WushLinear, prefix: str) -> None:
+    """``save_pretrained`` of a model holding WushLinears that nothing marked as a wush model (layers assembled by
+    hand, without ``wush_compile.hf.attach``) would write a checkpoint without ``quantization_config`` that loads with
+    randomly initialized Linears: refuse it. A model that ``calibrate()``, quantize-on-load or loading marked (its
+    ``hf_quantizer`` is the wush quantizer, whose hook builds the state dict) saves as usual."""
+    model = _save_pretrained_caller()
+    if model is None:
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if str(getattr(method, "value", method)) == "wush":
+        return
+    raise WushUserError(
+        f"save_pretrained: {type(model).__name__} holds WushLinear layers (e.g. {prefix.rstrip('.') or 'the model'}) "
+        "but is not marked as a wush model, so its checkpoint would carry no quantization_config and load with "
+        "randomly initialized Linears; call wush_compile.hf.attach(model, config) before save_pretrained, or save "
+        "with wush_compile.hf.save_pretrained(model, directory, config) (calibrate() and wush_compile.quantize() "
+        "attach it themselves). Nothing but config.json / generation_config.json was written to the directory"
+    )
