@@ -51,18 +51,24 @@ def test_lm_eval_on_a_local_task_matches_the_models_own_likelihood(tmp_path):
     assert res["byte_perplexity,none"] == pytest.approx(2 ** want, rel=1e-5)
 
 
-def test_wush_eval_tasks_on_a_saved_wush_checkpoint(workdir, tmp_path, capsys):  # noqa: F811
+@pytest.fixture(scope="module")
+def wush_ckpt(workdir):  # noqa: F811
+    """A wush checkpoint written by `wush quantize --out` (MXFP4 RTN + Hadamard), its tokenizer with an eos token."""
+    from .test_cli import _base
+
+    out = workdir / "lm-eval-wush"
+    assert _main(_base(workdir, "--method", "rtn", "--transform", "hadamard", "--out", str(out))) == 0
+    _tokenizer().save_pretrained(out)
+    return out
+
+
+def test_wush_eval_tasks_on_a_saved_wush_checkpoint(wush_ckpt, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     import wush_compile  # noqa: F401
     from wush_compile.modules import WushLinear
 
-    out = workdir / "lm-eval-wush"
-    from .test_cli import _base
-
-    assert _main(_base(workdir, "--method", "rtn", "--transform", "hadamard", "--out", str(out))) == 0
-    tok = _tokenizer()
-    tok.save_pretrained(out)  # the saved tokenizer with an eos token
+    out, tok = wush_ckpt, _tokenizer()
     docs = _docs()
     lm_tasks.write_rolling_task(tmp_path, TASK, docs)
     capsys.readouterr()
@@ -79,3 +85,34 @@ def test_write_rolling_task_errors(tmp_path):
         lm_tasks.split_documents("short\n\ntext", 5)
     with pytest.raises(ValueError, match="no documents"):
         lm_tasks.write_rolling_task(tmp_path, "x", [])
+
+
+def test_lm_eval_own_cli_on_a_wush_checkpoint_through_the_launcher(wush_ckpt, tmp_path):
+    """`python -m wush_compile.lm_eval_cli run --model hf ...` in a fresh process: lm_eval's CLI, wush layers loaded."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = wush_ckpt
+    lm_tasks.write_rolling_task(tmp_path, TASK, _docs())
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root, HF_DATASETS_OFFLINE="1")
+    res = subprocess.run(
+        [sys.executable, "-m", "wush_compile.lm_eval_cli", "run", "--model", "hf", "--model_args",
+         f"pretrained={out},dtype=float32", "--tasks", TASK, "--include_path", str(tmp_path), "--device", "cpu",
+         "--output_path", str(tmp_path / "results")],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("results_*.json")]
+    assert results, res.stdout[-2000:]
+    got = results[0]["results"][TASK]["bits_per_byte,none"]
+    from transformers import AutoModelForCausalLM
+
+    import wush_compile  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    from transformers import AutoTokenizer
+
+    assert got == pytest.approx(_own_bits_per_byte(model, AutoTokenizer.from_pretrained(out), _docs()), rel=1e-5)
