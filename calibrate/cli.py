@@ -54,6 +54,7 @@ class QuantizeSettings:
     encoding: str = "utf-8"
     overwrite: bool = False
     resume: str | None = None  # checkpoint directory of resumable calibration (one subdirectory per configuration)
+    act_scale: str = "static"  # NVFP4 activation global scale: static | fixed | dynamic (MXFP4 has none)
 
 
 DEFAULTS = QuantizeSettings()
@@ -83,6 +84,7 @@ def _configs(s: QuantizeSettings) -> list[WushConfig]:
                     WushConfig(
                         format=fmt, method=method, transform=kind, nsamples=s.nsamples, seqlen=s.seqlen,
                         seed=s.seed, shared_transform=s.shared_transform,
+                        act_scale=s.act_scale if fmt is Format.NVFP4 else "static",
                     )
                 )
     return out
@@ -207,6 +209,9 @@ def run_quantize(s: QuantizeSettings) -> dict:
             print(f"  {name_}: {reason}")
     else:
         print("every decoder Linear quantized; embeddings and lm_head in high precision")
+    warnings = calibration_warnings(configs, reports)
+    for w in warnings:
+        print(f"warning ({w['format']}/{w['method']}/{w['transform']}): {w['message']}")
     print(f"total wall time {total:.1f} s")
     if s.out:
         print(f"saved {s.formats[0].value}/{s.methods[0].value}/{s.transform.value} to {s.out}")
@@ -217,6 +222,7 @@ def run_quantize(s: QuantizeSettings) -> dict:
             {"format": r.format, "method": r.method, "transform": r.transform, "ppl": r.ppl, "layer_rel_err": r.layer_rel_err}
             for r in rows
         ],
+        "warnings": warnings,
         "settings": {
             "model": name,
             "dtype": s.dtype,
@@ -232,6 +238,15 @@ def run_quantize(s: QuantizeSettings) -> dict:
             json.dump(result, f, indent=2)
         print(f"wrote {s.json_path}")
     return result
+
+
+def calibration_warnings(configs: list[WushConfig], reports) -> list[dict]:
+    """The calibration reports' warnings (e.g. fewer tokens than a layer's K), one entry per configuration and
+    message: ``{"format", "method", "transform", "message"}`` (what ``--json`` writes under ``"warnings"``)."""
+    return [
+        {"format": c.format.value, "method": c.method.value, "transform": c.transform.value, "message": w}
+        for c, rep in zip(configs, reports) for w in rep.warnings
+    ]
 
 
 def baseline_label(model_spec: str | None) -> str:
@@ -308,6 +323,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         encoding=args.encoding,
         overwrite=args.overwrite,
         resume=args.resume,
+        act_scale=args.act_scale,
     )
     run_quantize(settings)  # user errors: one line, exit code 2 (wush_compile.cli.main)
     return 0
@@ -342,6 +358,9 @@ def register(subparsers) -> None:
     q.add_argument("--dtype", choices=sorted(_DTYPES), default=d.dtype, help="model dtype (default float32)")
     q.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None, help="also run identity/hadamard/wush x rtn/gptq (default: on without --out, off with --out)")
     q.add_argument("--device", metavar="DEV", default=None, help="calibrate on DEV (e.g. cuda), one decoder block at a time, the model staying on the CPU; evaluate there too")
+    q.add_argument("--act-scale", choices=["static", "fixed", "dynamic"], default=d.act_scale,
+                   help="NVFP4 activation global scale: static (calibration amax x headroom, default), fixed (0.1) "
+                   "or dynamic (each call's own amax: never saturates, one more transform per call)")
     q.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")
     q.add_argument("--out", metavar="DIR", default=None, help="save the chosen configuration as a checkpoint (model.save_pretrained)")
     _add_reliability_flags(q)
@@ -410,29 +429,55 @@ def run_tasks(model, tokenizer, tasks: list[str], *, batch_size: int = 1, includ
 def run_eval_on(model_spec, eval_text, seqlen, eval_tokens, dtype="float32", *, device=None, batch_size=1,
                 compile_=False) -> float:
     """Held-out perplexity with ``--device`` / ``--batch-size`` / ``--compile``."""
+    model, tokenizer = load_for_eval(model_spec, dtype, device, compile_)
+    return eval_perplexity(model, tokenizer, eval_text, seqlen, eval_tokens, batch_size)
+
+
+def eval_perplexity(model, tokenizer, eval_text, seqlen, eval_tokens, batch_size=1) -> float:
     from . import data, evaluate
 
-    model, tokenizer = load_for_eval(model_spec, dtype, device, compile_)
     text = data.read_text(eval_text) if eval_text else data.default_texts()[1]
     ids = data.evaluation_tokens(data.tokenize(tokenizer, text), seqlen, eval_tokens)
     return evaluate.perplexity(model, ids, seqlen, batch_size=batch_size, desc="eval")
 
 
+def counting_saturation(model):
+    """A :class:`wush_compile.saturation.SaturationCounter` over ``model`` (a no-op context when it has no NVFP4
+    static-scale layer, then ``.layers`` is empty)."""
+    from wush_compile.saturation import SaturationCounter
+
+    return SaturationCounter(model)
+
+
+def saturation_line(counter, compiled: bool) -> str | None:
+    """What ``wush eval`` prints about NVFP4 activation saturation (None for a model without such layers)."""
+    if not counter.layers:
+        return None
+    if compiled:
+        return "NVFP4 activation saturation: not counted under --compile (run without it to count)"
+    return counter.report().summary()
+
+
 def _cmd_eval_tasks(args: argparse.Namespace) -> int:
     name = args.model or "SmolLM2-135M-Instruct demo"
     # user errors: one line, exit code 2 (wush_compile.cli.main)
+    model, tokenizer = load_for_eval(args.model, args.dtype, args.device, args.compile)
+    with counting_saturation(model) as counter:
+        if args.tasks:
+            tasks = [t for t in args.tasks.split(",") if t]
+            results = run_tasks(model, tokenizer, tasks, batch_size=args.batch_size,
+                                include_path=args.include_path, limit=args.limit)
+        else:
+            ppl = eval_perplexity(model, tokenizer, args.eval_text, args.seqlen, args.eval_tokens, args.batch_size)
     if args.tasks:
-        tasks = [t for t in args.tasks.split(",") if t]
-        model, tokenizer = load_for_eval(args.model, args.dtype, args.device, args.compile)
-        results = run_tasks(model, tokenizer, tasks, batch_size=args.batch_size,
-                            include_path=args.include_path, limit=args.limit)
         for task, metrics in results.items():
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             print(f"{task}: {shown} ({name})")
-        return 0
-    ppl = run_eval_on(args.model, args.eval_text, args.seqlen, args.eval_tokens, args.dtype,
-                      device=args.device, batch_size=args.batch_size, compile_=args.compile)
-    print(f"perplexity {ppl:.4f} ({name}, seqlen {args.seqlen}, held-out text)")
+    else:
+        print(f"perplexity {ppl:.4f} ({name}, seqlen {args.seqlen}, held-out text)")
+    line = saturation_line(counter, args.compile)
+    if line:
+        print(line)
     return 0
 
 

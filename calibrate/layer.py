@@ -155,7 +155,8 @@ def quantize_weights(
 
 def initial_act_global_scale(config: WushConfig) -> float:
     """The activation global scale a layer starts with: MXFP4 1/3; NVFP4 the paper's fixed 0.1 (replaced
-    by the static calibration scale when ``config.act_scale`` is STATIC and activations are observed)."""
+    by the static calibration scale when ``config.act_scale`` is STATIC and activations are observed; kept, unused,
+    when it is DYNAMIC)."""
     return formats.MXFP4_GLOBAL_SCALE if config.format is Format.MXFP4 else NVFP4_FIXED_GLOBAL_SCALE
 
 
@@ -196,6 +197,7 @@ def build_wush_linear(
         device=device if device is not None else q.codes.device,
         transform_kind=config.transform,
         share_group=share_group,
+        dynamic_act_scale=config.act_scale is ActScale.DYNAMIC,
     )
     with torch.no_grad():
         wl.weight_codes.copy_(q.codes)

@@ -262,6 +262,7 @@ class CalibrationCheckpoint:
                     "dtype": _dtype_name(wl.dtype),
                     "transform_kind": wl.transform_kind.value,
                     "share_group": wl.share_group,
+                    **({"dynamic_act_scale": True} if wl.dynamic_act_scale else {}),
                 },
                 "state": {k: v.detach().cpu() for k, v in wl.state_dict().items()},
             })

@@ -126,7 +126,11 @@ def test_config_json_carries_everything_needed(saved):
     for name, mod in quantized.items():
         assert {f"{name}.{b}" for b, _ in mod.named_buffers()} | {f"{name}.weight"} <= set(crc)
         assert "crc32" not in qc["modules"][name]
-        assert qc["modules"][name] == {
+        assert qc["modules"][name] == {}  # format 3: only what differs from the defaults (nothing here)
+    assert qc["dtype"] == "float32"
+    loaded_qc = AutoModelForCausalLM.from_pretrained(d).config.quantization_config
+    for name, mod in quantized.items():  # the defaults and the model's Linear fill in the full entry at load
+        assert loaded_qc.modules[name] == {
             "fmt": "mxfp4",
             "transform_kind": "wush",
             "share_group": None,
@@ -458,7 +462,7 @@ def test_config_module_shape_disagrees_with_model(saved, tmp_path):
         AutoModelForCausalLM.from_pretrained(d)
 
 
-@pytest.mark.parametrize("version", [3, 0, "1", None])
+@pytest.mark.parametrize("version", [4, 0, "1", None])
 def test_unknown_format_version(saved, tmp_path, version):
     d = copy_ckpt(saved[1], tmp_path)
     _edit_config(d, lambda cfg: cfg["quantization_config"].__setitem__("format_version", version))
@@ -471,7 +475,7 @@ def test_unknown_format_version(saved, tmp_path, version):
     [
         (lambda qc: qc.__setitem__("group_size", 8), "unknown keys"),
         (lambda qc: qc["modules"][Q].__setitem__("fmt", "int4"), "int4"),
-        (lambda qc: qc["modules"][Q].pop("dtype"), "missing keys"),
+        (lambda qc: (qc.pop("dtype"), qc["modules"][Q].pop("dtype", None)), "missing keys"),
         (lambda qc: qc["modules"][Q].__setitem__("dtype", "float64"), "float64"),
         (lambda qc: qc["modules"][Q].__setitem__("in_features", 40), "in_features=40"),
         (lambda qc: qc.__setitem__("calibration", {"format": "fp8"}), "fp8"),

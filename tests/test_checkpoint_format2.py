@@ -295,7 +295,101 @@ def test_resaving_a_format_1_checkpoint_writes_format_2(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(V1)
     loaded.save_pretrained(tmp_path)
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert qc["format_version"] == hf.FORMAT_VERSION == 2
+    assert qc["format_version"] == hf.FORMAT_VERSION == 3  # re-saved in the current format
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     want = torch.load(V1 / "expected_logits.pt")
     assert torch.equal(logits(again, want["ids"]), want["logits"])
+
+
+def test_unattached_hand_assembled_model_refuses_a_plain_save(tmp_path):
+    """WushLinears swapped into a model by hand, without hf.attach: save_pretrained raises instead of writing a
+    checkpoint without quantization_config (which would load with random Linears); attached, it saves and loads."""
+    from calibrate.layer import quantize_linear
+    from wush_compile.errors import WushUserError
+
+    model = tiny_llama(seed=4)
+    cfg = WushConfig(format="mxfp4", method="rtn", transform="hadamard")
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj = quantize_linear(mlp.down_proj, None, cfg, name="model.layers.0.mlp.down_proj")
+    state = model.state_dict()  # a plain state_dict outside save_pretrained is fine
+    assert "model.layers.0.mlp.down_proj.weight_codes" in state
+    with pytest.raises(WushUserError, match=r"model.layers.0.mlp.down_proj\).*hf.attach\(model, config\)"):
+        model.save_pretrained(tmp_path / "plain")
+    assert not list((tmp_path / "plain").glob("*.safetensors"))
+    hf.attach(model, cfg)
+    model.save_pretrained(tmp_path / "wush")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "wush")
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, WushLinear)
+    x = ids()
+    assert torch.equal(logits(loaded, x), logits(model, x))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Format 3: compact config.json
+# --------------------------------------------------------------------------------------------------------------
+
+V2 = Path(__file__).parent / "data" / "ckpt_v2_nvfp4"  # written by tests/data/README.md's script at e40b698
+
+
+def test_format_2_checkpoint_still_loads_and_resaves_compact(tmp_path):
+    loaded = AutoModelForCausalLM.from_pretrained(V2)
+    want = torch.load(V2 / "expected_logits.pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(want["ids"]).logits, want["logits"])
+    old = json.loads((V2 / "config.json").read_text())["quantization_config"]
+    assert old["format_version"] == 2 and all("in_features" in e for e in old["modules"].values())
+    loaded.save_pretrained(tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["format_version"] == 3 and set(qc["modules"]) == set(old["modules"])
+    assert all(e == {} for e in qc["modules"].values()) and qc["dtype"] == "float32"
+    assert os.path.getsize(tmp_path / "config.json") < os.path.getsize(V2 / "config.json")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(want["ids"]).logits, want["logits"])
+
+
+def test_compact_entries_keep_what_differs(tmp_path):
+    """bias, share groups, another transform dtype and a mixed format are written per module; the rest is left out."""
+    model = tiny_llama(seed=6, bias=True)
+    quantize_model(model, WushConfig(format="mxfp4", method="rtn", transform="hadamard"))
+    nv = "model.layers.0.mlp.down_proj"
+    from calibrate.layer import quantize_linear
+
+    lin = torch.nn.Linear(96, 64)
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj = quantize_linear(lin, None, WushConfig(format="nvfp4", method="rtn", transform="identity"), name=nv)
+    model.model.layers[1].self_attn.q_proj.share_group = "g"
+    hf.attach(model)
+    model.save_pretrained(tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "mixed" and qc["transform"] == "mixed" and qc["dtype"] == "float32"
+    entries = qc["modules"]
+    assert entries[nv] == {"fmt": "nvfp4", "transform_kind": "identity", "bias": True}
+    assert entries["model.layers.1.self_attn.q_proj"] == {"fmt": "mxfp4", "transform_kind": "hadamard",
+                                                          "share_group": "g", "bias": True}
+    assert entries["model.layers.1.mlp.up_proj"] == {"fmt": "mxfp4", "transform_kind": "hadamard", "bias": True}
+    assert all("in_features" not in e and "out_features" not in e for e in entries.values())
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    full = loaded.config.quantization_config.modules[nv]
+    assert (full["in_features"], full["out_features"], full["bias"], full["dtype"]) == (96, 64, True, "float32")
+    assert loaded.model.layers[1].self_attn.q_proj.share_group == "g"
+    x = ids()
+    assert torch.equal(logits(loaded, x), logits(model, x))
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda qc: qc.__setitem__("dtype", "bfloat16"), "has dtype F32, expected BF16"),  # the default moves
+        (lambda qc: qc["modules"]["model.layers.0.mlp.up_proj"].__setitem__("dtype", "bfloat16"), "dtype is 'float32'"),
+        (lambda qc: qc["modules"]["model.layers.0.mlp.up_proj"].__setitem__("bias", True), "up_proj.bias' is missing"),
+        (lambda qc: qc["modules"]["model.layers.0.mlp.up_proj"].__setitem__("share_group", "x"), "CRC-32"),
+        (lambda qc: qc.__setitem__("dtype", "float64"), "float64"),
+    ],
+)
+def test_compact_config_edits_are_refused(saved, tmp_path, edit, needle):
+    d = copy_ckpt(saved[1], tmp_path)
+    _edit_qc(d, edit)
+    with pytest.raises(CheckpointError) as err:
+        AutoModelForCausalLM.from_pretrained(d)
+    assert needle in str(err.value) and ("config.json" in str(err.value) or str(d) in str(err.value)), str(err.value)

@@ -23,6 +23,7 @@ def quantize(
     device=None,
     batch_size: int = 8,
     text_column: str = "text",
+    checkpoint_dir=None,
 ):
     """Calibrate ``model`` in place into WUSH FP4 layers; returns ``(model, report)``.
 
@@ -39,6 +40,9 @@ def quantize(
             on the CPU) calibrates one decoder block at a time on it, the model staying where it is.
         batch_size: samples per forward.
         text_column: the text column of a dataset.
+        checkpoint_dir: resumable calibration: every finished decoder block is saved there, and a run interrupted
+            with the same model, data and config continues where it stopped, bit-identically
+            (``calibrate.calibrate(checkpoint_dir=...)``, :mod:`calibrate.resume`). Delete it once the model is saved.
 
     Returns:
         ``(model, report)``: the calibrated model (the same object) and its ``calibrate.CalibrationReport``
@@ -54,7 +58,7 @@ def quantize(
         dataset, tokenizer, nsamples=config.nsamples, seqlen=config.seqlen, batch_size=batch_size,
         seed=config.seed, text_column=text_column,
     )
-    calibrate.calibrate(model, batches, config, device=device)
+    calibrate.calibrate(model, batches, config, device=device, checkpoint_dir=checkpoint_dir)
     report = calibrate.get_report(model)
     logger.info("%s", report.summary())
     return model, report

@@ -65,6 +65,7 @@ class ActScale(_StrEnum):
 
     STATIC = "static"  # amax of the transformed calibration activations, with headroom
     FIXED = "fixed"  # the paper's constant (0.1 for both operands)
+    DYNAMIC = "dynamic"  # per call: amax of that call's transformed activations (never saturates; see WushLinear)
 
 
 class KernelChoice(_StrEnum):
@@ -124,7 +125,9 @@ class WushConfig:
         offload_activations: keep the per-block calibration activations on the CPU between blocks.
         skip_layers: fully qualified names (or suffixes, e.g. "down_proj") of Linears to leave alone.
         damp: relative damping of the Hessians (fraction of the mean diagonal).
-        act_scale: NVFP4 activation global scale, "static" (from calibration) or "fixed" (paper's 0.1).
+        act_scale: NVFP4 activation global scale, "static" (from calibration), "fixed" (paper's 0.1) or "dynamic"
+            (from each call's own transformed activations: inputs above the calibration range do not saturate,
+            at the cost of one more transform and reduction per call; NVFP4 only).
         act_headroom: the static activation global scale covers this multiple of the calibration amax.
         gptq_order: the order GPTQ walks the column blocks in: "forward" (first to last), "reverse" (last to
             first) or "act" (descending trace of the block's Hessian diagonal; a block stays contiguous).
@@ -163,6 +166,11 @@ class WushConfig:
             ("act_scale", ActScale),
         ):
             object.__setattr__(self, name, enum_cls.parse(getattr(self, name)))
+        if self.act_scale is ActScale.DYNAMIC and self.format is not Format.NVFP4:
+            raise ValueError(
+                f"WushConfig.act_scale 'dynamic' applies to NVFP4 only; {self.format.value} activation scales are "
+                "per-block powers of two with no global scale to saturate - use act_scale='static' (the default)"
+            )
         for name in ("nsamples", "seqlen"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -21,6 +21,7 @@ from .modules import WushLinear
 from .ops import dispatch
 from .passes import NOT_CALIBRATED, LinearRecord
 from .report import format_rows
+from .saturation import SaturationCounter, SaturationReport, counted_layers
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class ExplainReport:
 
     rows: list[LayerRow]
     graphs: list[GraphResult]
+    #: NVFP4 static-scale layers: activation values clipped at their scale's limit on the example input (counted on
+    #: an eager run of the same input); None when the model has no such layer or ``explain(saturation=False)``.
+    saturation: Optional[SaturationReport] = None
 
     @property
     def rewritten(self) -> int:
@@ -103,6 +107,8 @@ class ExplainReport:
                 lines.append(f"  {gid} = {name} ({len(members)} members)")
         if left:
             lines.append(f"{len(left)} calibrated Linear(s) not rewritten: see the 'why' column")
+        if self.saturation is not None:
+            lines.append(self.saturation.summary() + " (example input, eager run)")
         return "\n".join(lines)
 
     def _group_ids(self) -> dict[str, str]:
@@ -168,6 +174,7 @@ def explain(
     fullgraph: bool = False,
     dynamic: Optional[bool] = None,
     reset: bool = True,
+    saturation: bool = True,
     **example_kwargs: Any,
 ) -> ExplainReport:
     """Compile ``model`` with ``backend="wush"``, run it once on the example inputs (no grad), and report.
@@ -183,6 +190,8 @@ def explain(
             ``{"inductor": False}`` skips Inductor's code generation and runs the rewritten graph eagerly).
         fullgraph, dynamic: as in torch.compile.
         reset: ``torch._dynamo.reset()`` first (see above).
+        saturation: for NVFP4 layers with a static activation scale, also run the model eagerly on the example
+            inputs and count the activation values their scale clips (``report.saturation``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"explain expects an nn.Module, got {type(model).__name__}")
@@ -198,6 +207,10 @@ def explain(
             "call torch._dynamo.reset() first for a full report"
         )
     report = build_report(model, graphs)
+    if saturation and counted_layers(model):
+        with SaturationCounter(model) as counter, torch.no_grad():
+            model(*example_args, **example_kwargs)
+        report.saturation = counter.report()
     text = str(report)
     logger.debug("%s", text)
     torch._logging.trace_structured(

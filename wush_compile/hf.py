@@ -18,6 +18,9 @@ After ``import wush_compile``:
   (``ignore_mismatched_sizes=True`` is the caller's explicit opt-in to random weights). The safetensors metadata of
   every file records a CRC-32 of each of its tensors and of the quantization config, verified before loading.
   Format 1 checkpoints still load (their MXFP4 row exponents are derived at load).
+- Format 3 writes each module entry compactly: only the settings that differ from the model-wide ones (``format``,
+  ``transform``, ``dtype``; no bias, no share group), without the sizes (the model's Linear gives them; the tensors
+  are checked against them). In memory every entry is complete; the config CRC-32 covers the compact form.
 
 Registration with transformers is idempotent (importing twice, or reloading this module, is fine).
 """
@@ -64,8 +67,15 @@ QUANT_METHOD = "wush"
 #: 2: + ``weight_row_exponent`` (MXFP4), a zero-size uint8 guard tensor ``<module>.weight`` per quantized Linear
 #:    (a loader without the wush quantizer sees a shape mismatch and refuses, instead of random-initializing the
 #:    Linear), and a CRC-32 of every tensor of the file and of the quantization config in the safetensors metadata.
-FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+#: 3: compact config: a per-module entry holds only what differs from the defaults (``fmt`` = top-level ``format``,
+#:    ``transform_kind`` = ``transform``, ``dtype`` = top-level ``dtype``, ``bias`` false, ``share_group`` null);
+#:    ``in_features`` / ``out_features`` are the model's Linear's (checked against the tensors) and not written.
+FORMAT_VERSION = 3
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
+#: Per-module values a format-3 entry leaves out (the format / transform / dtype defaults are the top-level ones).
+_ENTRY_DEFAULTS = {"bias": False, "share_group": None}
+#: Per-module keys format 3 never writes: the model's Linear gives them.
+_SIZE_KEYS = ("in_features", "out_features")
 #: Integrity tensor (format 2): uint8 bytes of the JSON ``{"config": CRC-32 of the quantization config, "tensors":
 #: {tensor: CRC-32}}`` over every other tensor of the checkpoint (all shards). A tensor, not safetensors metadata:
 #: the metadata map is written in hash order, which would make two saves of one model differ in bytes.
@@ -77,6 +87,9 @@ _GUARD = "weight"
 _MODULE_KEYS = ("fmt", "transform_kind", "share_group", "bias", "in_features", "out_features", "dtype")
 #: Optional per-module key: ``{buffer name: CRC-32 of its bytes}``, checked after loading.
 _CRC_KEY = "crc32"
+#: Optional per-module key (NVFP4): ``true`` when the layer quantizes activations with a per-call dynamic global
+#: scale (``WushLinear.dynamic_act_scale``); absent means static.
+_DYNAMIC_KEY = "dynamic_act_scale"
 #: Storage dtypes a transform / bias may have.
 _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: safetensors dtype tags.
@@ -122,9 +135,12 @@ class WushQuantizationConfig(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         calibration: dict[str, Any] | None = None,
         quant_method: str = QUANT_METHOD,
+        dtype: str | None = None,
         **unknown: Any,
     ) -> None:
         where = "config.json quantization_config"
+        if dtype is not None and format_version in (1, 2):
+            unknown["dtype"] = dtype
         if unknown:
             raise CheckpointError(
                 f"{where}: unknown keys {sorted(unknown)} (format_version {format_version!r}); this wush_compile "
@@ -137,9 +153,10 @@ class WushQuantizationConfig(QuantizationConfigMixin):
         self.format = format
         self.method = method
         self.transform = transform
-        self.modules = {} if modules is None else modules
+        self.modules = {} if modules is None else (dict(modules) if isinstance(modules, dict) else modules)
         self.modules_to_not_convert = [] if modules_to_not_convert is None else modules_to_not_convert
         self.calibration = calibration
+        self.dtype = dtype
         self.post_init()
 
     def post_init(self) -> None:
@@ -152,8 +169,12 @@ class WushQuantizationConfig(QuantizationConfigMixin):
             )
         if not isinstance(self.modules, dict):
             raise CheckpointError(f"{where}: 'modules' must be a mapping of module name -> settings")
+        if v >= 3 and self.dtype is not None and self.dtype != _MIXED and self.dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"{where}: dtype {self.dtype!r} is not one of {sorted(_FLOAT_DTYPES)} or 'mixed'")
         for name, entry in self.modules.items():
-            self.modules[name] = _check_module_entry(name, entry)
+            if v >= 3 and isinstance(entry, dict):
+                entry = {**self._entry_defaults(), **{k: None for k in _SIZE_KEYS}, **entry}
+            self.modules[name] = _check_module_entry(name, entry, sized=v < 3)
         if not isinstance(self.modules_to_not_convert, list) or not all(
             isinstance(s, str) for s in self.modules_to_not_convert
         ):
@@ -169,6 +190,33 @@ class WushQuantizationConfig(QuantizationConfigMixin):
             except (TypeError, ValueError) as err:
                 raise CheckpointError(f"{where}: 'calibration' is not a valid WushConfig: {err}") from err
         _check_levels_agree(self, calib, where)
+
+    def _entry_defaults(self) -> dict[str, Any]:
+        """What a format-3 module entry leaves out (the top-level format, transform and dtype, when not mixed)."""
+        out = dict(_ENTRY_DEFAULTS)
+        for key, top in (("fmt", self.format), ("transform_kind", self.transform), ("dtype", self.dtype)):
+            if top is not None and top != _MIXED:
+                out[key] = top
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """What config.json stores (and the config CRC-32 covers): format 3 writes each module entry compactly (only
+        what differs from :meth:`_entry_defaults`, no sizes); formats 1 and 2 as they were read."""
+        import copy
+
+        out = {
+            "quant_method": self.quant_method, "format_version": self.format_version, "format": self.format,
+            "method": self.method, "transform": self.transform, "modules": copy.deepcopy(self.modules),
+            "modules_to_not_convert": list(self.modules_to_not_convert), "calibration": copy.deepcopy(self.calibration),
+        }
+        if self.format_version >= 3:
+            out["dtype"] = self.dtype
+            defaults = self._entry_defaults()
+            out["modules"] = {
+                name: {k: v for k, v in entry.items() if k not in _SIZE_KEYS and (k not in defaults or defaults[k] != v)}
+                for name, entry in self.modules.items()
+            }
+        return out
 
     def wush_config(self) -> WushConfig | None:
         """The calibration settings as a :class:`WushConfig` (None when the checkpoint does not record them)."""
@@ -190,10 +238,13 @@ class WushQuantizationConfig(QuantizationConfigMixin):
                     "out_features": int(mod.out_features),
                     "dtype": _dtype_name(mod.transform.dtype),
                 }
+                if mod.dynamic_act_scale:
+                    modules[name][_DYNAMIC_KEY] = True
             elif isinstance(mod, nn.Linear):
                 not_converted.append(name)
         fmts = {e["fmt"] for e in modules.values()}
         kinds = {e["transform_kind"] for e in modules.values()}
+        dtypes = {e["dtype"] for e in modules.values()}
         if config is not None:
             fmts.add(config.format.value)
             kinds.add(config.transform.value)
@@ -204,6 +255,7 @@ class WushQuantizationConfig(QuantizationConfigMixin):
             modules=modules,
             modules_to_not_convert=not_converted,
             calibration=None if config is None else config.to_dict(),
+            dtype=_common(dtypes),
         )
 
 
@@ -224,6 +276,21 @@ def _check_levels_agree(qc: "WushQuantizationConfig", calib: WushConfig | None, 
             )
         if top is not None and top != _MIXED and not values and qc.modules:
             raise CheckpointError(f"{where}: {top_key} is {top!r} but no module records it")
+    top_dtype = getattr(qc, "dtype", None)
+    dtypes = {e["dtype"] for e in qc.modules.values()}
+    if top_dtype is not None and top_dtype != _MIXED and dtypes and dtypes != {top_dtype}:
+        raise CheckpointError(
+            f"{where}: dtype is {top_dtype!r} but modules have dtype {sorted(dtypes)}; the config does not agree with "
+            "itself - save it again"
+        )
+    if calib is not None and qc.modules:
+        want = calib.act_scale.value == "dynamic"
+        differ = sorted(n for n, e in qc.modules.items() if bool(e.get(_DYNAMIC_KEY, False)) != want)
+        if differ:
+            raise CheckpointError(
+                f"{where}: calibration.act_scale is {calib.act_scale.value!r} but module {differ[0]!r} "
+                f"{'lacks' if want else 'has'} {_DYNAMIC_KEY}; the config does not agree with itself - save it again"
+            )
     if calib is not None and qc.method is not None and qc.method != calib.method.value:
         raise CheckpointError(
             f"{where}: method is {qc.method!r} but calibration.method is {calib.method.value!r}; the config was "
@@ -237,12 +304,14 @@ def _common(values: set[str]) -> str | None:
     return next(iter(values)) if len(values) == 1 else _MIXED
 
 
-def _check_module_entry(name: str, entry: Any) -> dict[str, Any]:
+def _check_module_entry(name: str, entry: Any, sized: bool = True) -> dict[str, Any]:
+    """A module entry with every key of :data:`_MODULE_KEYS`; ``sized`` False (format 3): ``in_features`` /
+    ``out_features`` may be None (filled from the model by :func:`replace_linears`)."""
     where = f"config.json quantization_config.modules[{name!r}]"
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: expected a mapping, got {entry!r}")
     missing = [k for k in _MODULE_KEYS if k not in entry]
-    extra = sorted(set(entry) - set(_MODULE_KEYS) - {_CRC_KEY})
+    extra = sorted(set(entry) - set(_MODULE_KEYS) - {_CRC_KEY, _DYNAMIC_KEY})
     if missing or extra:
         raise CheckpointError(f"{where}: missing keys {missing}, unknown keys {extra}; expected {list(_MODULE_KEYS)}")
     sums = entry.get(_CRC_KEY)
@@ -256,11 +325,13 @@ def _check_module_entry(name: str, entry: Any) -> dict[str, Any]:
         TransformKind.parse(entry["transform_kind"])
     except ValueError as err:
         raise CheckpointError(f"{where}: {err}") from err
-    for key in ("in_features", "out_features"):
+    for key in _SIZE_KEYS:
         v = entry[key]
+        if v is None and not sized:
+            continue
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise CheckpointError(f"{where}: {key} must be a positive integer, got {v!r}")
-    if entry["in_features"] % fmt.group_size:
+    if entry["in_features"] is not None and entry["in_features"] % fmt.group_size:
         raise CheckpointError(
             f"{where}: in_features={entry['in_features']} is not a multiple of the {fmt.value} group size "
             f"G={fmt.group_size}"
@@ -271,6 +342,10 @@ def _check_module_entry(name: str, entry: Any) -> dict[str, Any]:
         raise CheckpointError(f"{where}: bias must be true or false, got {entry['bias']!r}")
     if entry["share_group"] is not None and not isinstance(entry["share_group"], str):
         raise CheckpointError(f"{where}: share_group must be a string or null, got {entry['share_group']!r}")
+    if _DYNAMIC_KEY in entry and (entry[_DYNAMIC_KEY] is not True or fmt is not Format.NVFP4):
+        raise CheckpointError(
+            f"{where}: {_DYNAMIC_KEY} may only be true, on an nvfp4 layer; got {entry[_DYNAMIC_KEY]!r} ({fmt.value})"
+        )
     return dict(entry)
 
 
@@ -345,6 +420,8 @@ def check_checkpoint(
                 f"{path}: tensor '{name}.weight' is a full-precision weight, but config.json lists '{name}' as a "
                 "quantized WushLinear; the config does not match the tensors"
             )
+        if entry["in_features"] is None:  # format 3, a module this model does not have (e.g. a head): not loaded
+            continue
         for tensor, (dt, shape) in expected_tensors(name, entry, qconfig.format_version).items():
             if tensor not in index:
                 raise CheckpointError(
@@ -506,6 +583,14 @@ def replace_linears(model: nn.Module, qconfig: WushQuantizationConfig) -> int:
                 f"config.json quantization_config lists '{name}' as a quantized Linear, but it is a "
                 f"{type(mod).__name__}"
             )
+        for key in _SIZE_KEYS:  # format 3 does not write them: the model's Linear gives them
+            if entry[key] is None:
+                entry[key] = int(getattr(mod, key))
+        if entry["in_features"] % Format.parse(entry["fmt"]).group_size:
+            raise CheckpointError(
+                f"config.json quantization_config: '{name}' has in_features={entry['in_features']}, not a multiple of "
+                f"the {entry['fmt']} group size G={Format.parse(entry['fmt']).group_size}; it cannot be a quantized Linear"
+            )
         if (mod.in_features, mod.out_features) != (entry["in_features"], entry["out_features"]):
             raise CheckpointError(
                 f"config.json quantization_config: '{name}' has in_features={entry['in_features']}, "
@@ -521,6 +606,7 @@ def replace_linears(model: nn.Module, qconfig: WushQuantizationConfig) -> int:
             device="meta",
             transform_kind=entry["transform_kind"],
             share_group=entry["share_group"],
+            dynamic_act_scale=bool(entry.get(_DYNAMIC_KEY, False)),
         )
         parent_name, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

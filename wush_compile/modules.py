@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 
 import torch
 from torch import nn
 
-from . import formats
+from . import formats, transforms
 from .config import Format, TransformKind
+from .errors import WushUserError
 from .ops import library as _ops  # noqa: F401  (registers torch.ops.wush.linear)
 
 __all__ = ["WushLinear", "content_key", "key_is_current"]
@@ -54,7 +56,11 @@ class WushLinear(nn.Module):
                                                  -1 for a row without a finite scale); None for NVFP4
 
     Attributes (not tensors; saved in the checkpoint config): ``fmt``, ``transform_kind``, ``share_group`` (name
-    of the group of layers that read the same input with an identical transform, or None).
+    of the group of layers that read the same input with an identical transform, or None), ``dynamic_act_scale``
+    (NVFP4 only: each call quantizes its activations with the global scale ``amax(x_b @ T_b^T) / (448 * 6)`` of
+    that call's transformed input instead of the static ``act_global_scale``, so inputs far above the
+    calibration range do not saturate; costs one more transform and reduction per call, and a row's result
+    then depends on the other rows of the call).
 
     ``transform_key`` (not saved; recomputed): a digest of ``transform`` and ``act_global_scale``
     (:func:`content_key`). Why it exists: ``torch.compile`` makes the module buffers graph INPUTS, so a second
@@ -80,9 +86,17 @@ class WushLinear(nn.Module):
         device=None,
         transform_kind: TransformKind | str = TransformKind.WUSH,
         share_group: str | None = None,
+        dynamic_act_scale: bool = False,
     ) -> None:
         super().__init__()
         fmt = Format.parse(fmt)
+        if not isinstance(dynamic_act_scale, bool):
+            raise TypeError(f"WushLinear: dynamic_act_scale must be True or False, got {dynamic_act_scale!r}")
+        if dynamic_act_scale and fmt is not Format.NVFP4:
+            raise ValueError(
+                f"WushLinear: dynamic_act_scale applies to NVFP4 only ({fmt.value} activation scales are per-block "
+                "powers of two and need no global scale); pass dynamic_act_scale=False"
+            )
         formats.check_group_divisible(in_features, fmt, what="WushLinear in_features")
         g = fmt.group_size
         self.in_features = in_features
@@ -90,6 +104,7 @@ class WushLinear(nn.Module):
         self.fmt = fmt
         self.transform_kind = TransformKind.parse(transform_kind)
         self.share_group = share_group
+        self.dynamic_act_scale = dynamic_act_scale
         kw = dict(device=device)
         self.register_buffer("weight_codes", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, **kw))
         self.register_buffer("weight_scales", torch.zeros(out_features, in_features // g, dtype=torch.uint8, **kw))
@@ -146,6 +161,10 @@ class WushLinear(nn.Module):
         self.refresh_transform_key()  # a dtype change rounds the transform
         return self
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        _check_not_saved_plain(self, prefix)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def refresh_row_exponent(self) -> None:
         """Recompute ``weight_row_exponent`` from ``weight_scales`` (MXFP4; a no-op for NVFP4). Call after the
         scales change."""
@@ -173,10 +192,18 @@ class WushLinear(nn.Module):
             self.weight_scales,
             self.transform,
             self.weight_global_scale,
-            self.act_global_scale,
+            self.call_act_global_scale(x),
             self.bias,
             self.fmt.value,
         )
+
+    def call_act_global_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation global scale a call on ``x`` quantizes with: the ``act_global_scale`` buffer, or with
+        ``dynamic_act_scale`` the NVFP4 scale of this call's transformed input (finite values; 1.0 when all are 0)."""
+        if not self.dynamic_act_scale:
+            return self.act_global_scale
+        xt = transforms.transform_activations(x.detach(), self.transform)  # (..., K) fp32
+        return formats.nvfp4_global_scale(xt)  # () fp32
 
     def dequantized_weight(self) -> torch.Tensor:
         """The effective weight in the original space, ``dequant(W') @ T`` blockwise, fp32 (N, K)."""
@@ -190,4 +217,42 @@ class WushLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"fmt={self.fmt.value}, transform={self.transform_kind.value}"
             + (f", share_group={self.share_group}" if self.share_group else "")
+            + (", dynamic_act_scale=True" if self.dynamic_act_scale else "")
         )
+
+
+def _save_pretrained_caller():
+    """The model whose ``PreTrainedModel.save_pretrained`` is on the call stack (None when none is)."""
+    mu = sys.modules.get("transformers.modeling_utils")
+    if mu is None:
+        return None
+    import inspect
+
+    code = inspect.unwrap(mu.PreTrainedModel.save_pretrained).__code__
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is code:
+            return frame.f_locals.get("self")
+        frame = frame.f_back
+    return None
+
+
+def _check_not_saved_plain(layer: WushLinear, prefix: str) -> None:
+    """``save_pretrained`` of a model holding WushLinears that nothing marked as a wush model (layers assembled by
+    hand, without ``wush_compile.hf.attach``) would write a checkpoint without ``quantization_config`` that loads with
+    randomly initialized Linears: refuse it. A model that ``calibrate()``, quantize-on-load or loading marked (its
+    ``hf_quantizer`` is the wush quantizer, whose hook builds the state dict) saves as usual."""
+    model = _save_pretrained_caller()
+    if model is None:
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if str(getattr(method, "value", method)) == "wush":
+        return
+    raise WushUserError(
+        f"save_pretrained: {type(model).__name__} holds WushLinear layers (e.g. {prefix.rstrip('.') or 'the model'}) "
+        "but is not marked as a wush model, so its checkpoint would carry no quantization_config and load with "
+        "randomly initialized Linears; call wush_compile.hf.attach(model, config) before save_pretrained, or save "
+        "with wush_compile.hf.save_pretrained(model, directory, config) (calibrate() and wush_compile.quantize() "
+        "attach it themselves). Nothing but config.json / generation_config.json was written to the directory"
+    )

@@ -1,6 +1,7 @@
 """The workflow side of the CLI: --out without the comparison, -v/-q, --help, flag spellings, eval options."""
 
 import importlib.util
+import json
 import logging
 
 import pytest
@@ -90,3 +91,19 @@ def test_eval_batch_size_and_device_same_perplexity(workdir, capsys):  # noqa: F
 def test_eval_tasks_without_lm_eval_says_how_to_install(workdir, capsys):  # noqa: F811
     assert _main(["eval", str(workdir / "tiny"), "--tasks", "mytask"]) == 2
     assert "pip install lm_eval" in capsys.readouterr().err
+
+
+def test_calibration_warnings_in_the_output_and_the_json(workdir, capsys):  # noqa: F811
+    out_json = workdir / "warned.json"
+    # 1 x 64 calibration tokens < K = 128 of down_proj: rank-deficient Hessians (GPTQ + WUSH)
+    assert _main(_base(workdir, "--no-compare", "--nsamples", "1", "--json", str(out_json))) == 0
+    printed = capsys.readouterr().out
+    warnings = json.loads(out_json.read_text())["warnings"]
+    assert warnings and all(w["format"] == "mxfp4" and w["method"] == "gptq" and w["transform"] == "wush"
+                            for w in warnings)
+    assert any("rank-deficient" in w["message"] and "K=128" in w["message"] for w in warnings), warnings
+    assert "warning (mxfp4/gptq/wush): " + warnings[0]["message"] in printed
+    out_json2 = workdir / "unwarned.json"
+    assert _main(_base(workdir, "--no-compare", "--method", "rtn", "--transform", "hadamard",
+                       "--json", str(out_json2))) == 0
+    assert json.loads(out_json2.read_text())["warnings"] == []

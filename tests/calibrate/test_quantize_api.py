@@ -184,3 +184,36 @@ def test_block_by_block_on_cuda_keeps_model_on_cpu():
     wush_compile.quantize(model, WushConfig(method="gptq", nsamples=2, seqlen=32), dataset=samples, device="cuda")
     assert all(t.device.type == "cpu" for t in list(model.parameters()) + list(model.buffers()))
     assert sum(isinstance(m, WushLinear) for m in model.modules()) == 28
+
+
+def _same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if isinstance(x, dict):
+            assert isinstance(y, dict) and set(x) == set(y)
+            assert all(torch.equal(x[k], y[k]) for k in x)
+        else:
+            assert torch.equal(x, y)
+
+
+def test_real_datasets_dataset_text_column_and_chat_messages():
+    """A datasets.Dataset built in memory (no download): the same samples as the plain rows, and the same layers."""
+    datasets = pytest.importorskip("datasets")
+    tok = ByteTokenizer()
+    ds = datasets.Dataset.from_dict({"body": TEXTS, "id": list(range(len(TEXTS)))})
+    got = build_batches(ds, tok, nsamples=4, seqlen=16, text_column="body")
+    _same_batches(got, build_batches(FakeDataset([{"body": t} for t in TEXTS]), tok, nsamples=4, seqlen=16,
+                                     text_column="body"))
+    _same_batches(got, build_batches(TEXTS, tok, nsamples=4, seqlen=16))
+    rows = [[{"role": "user", "content": t}, {"role": "assistant", "content": "ok"}] for t in TEXTS]
+    chat_ds = datasets.Dataset.from_dict({"messages": rows})
+    _same_batches(build_batches(chat_ds, tok, nsamples=4, seqlen=64),
+                  build_batches(FakeDataset([{"messages": r} for r in rows]), tok, nsamples=4, seqlen=64))
+    a, b = tiny_model(), tiny_model()
+    _, ra = wush_compile.quantize(a, CFG, dataset=chat_ds, tokenizer=tok)
+    _, rb = wush_compile.quantize(b, CFG, dataset=[tok.apply_chat_template(r) for r in rows], tokenizer=tok)
+    assert ra.tokens == rb.tokens > 0
+    ca, cb = _codes(a), _codes(b)
+    assert all(torch.equal(ca[n], cb[n]) for n in ca)
+    with pytest.raises(ValueError, match="text_column"):
+        build_batches(ds, tok, nsamples=2, seqlen=16)  # no "text" column: the error names the option

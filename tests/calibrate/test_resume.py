@@ -275,3 +275,31 @@ def test_cli_resume_end_to_end_and_mismatch_is_a_clean_error(tmp_path, capsys):
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("wush quantize: error:")]
     assert "Traceback" not in err and len(errors) == 1 and "config.nsamples: saved 4, now 2" in errors[0], err
+
+
+def test_one_call_quantize_passes_checkpoint_dir_through(tmp_path, monkeypatch):
+    """wush_compile.quantize(..., checkpoint_dir=DIR): an interrupted call continues where it stopped."""
+    import wush_compile
+
+    config = WushConfig(format="mxfp4", method="gptq", transform="wush", nsamples=4, seqlen=32)
+    data = {"input_ids": torch.cat(tiny_batches(2, 2, 32))}  # (4, 32) ready token ids
+    ckpt = str(tmp_path / "ckpt")
+    original = pipeline._calibrate_block
+
+    def failing(i, *args, **kwargs):
+        if i == 2:
+            raise RuntimeError("injected failure")
+        return original(i, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_calibrate_block", failing)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        wush_compile.quantize(tiny_model(layers=LAYERS), config, dataset=data, checkpoint_dir=ckpt)
+    assert json.loads(Path(ckpt, "manifest.json").read_text())["last_finished_block"] == 1
+    monkeypatch.setattr(pipeline, "_calibrate_block", original)
+    seen = _count_blocks(monkeypatch)
+    resumed, report = wush_compile.quantize(tiny_model(layers=LAYERS), config, dataset=data, checkpoint_dir=ckpt)
+    assert seen == [2, 3] and report is calibrate.get_report(resumed)
+    seen.clear()
+    ref, _ = wush_compile.quantize(tiny_model(layers=LAYERS), config, dataset=data)
+    assert seen == list(range(LAYERS))
+    _assert_bit_identical(resumed, ref, tiny_batches(1, 2, 32, seed=7)[0])
