@@ -49,7 +49,7 @@ def build(path: Path, fmt: str, *, shared: bool, bias: bool = False, seed: int =
 
     model = tiny_llama(seed, bias)
     gen = torch.Generator().manual_seed(seed + 7)
-    batches = [torch.randint(3, VOCAB, (2, 32), generator=gen) for _ in range(4)]
+    batches = [torch.randint(3, VOCAB, (2, 32), generator=gen) for _ in range(8)]  # 512 tokens >= K
     calibrate.calibrate(model, batches, WushConfig(format=fmt, method="rtn", transform="wush",
                                                    shared_transform=shared))
     path.mkdir(parents=True, exist_ok=True)

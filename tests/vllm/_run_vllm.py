@@ -38,8 +38,16 @@ def run_llm(ckpt: str, tp: int, prompts: list[list[int]]) -> dict:
     ready = time.time() - start
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return {"logprobs": [_logprob_rows(o.prompt_logprobs, p) for o, p in zip(outs, prompts)],
-            "engine_start_s": ready}
+    result = {"logprobs": [_logprob_rows(o.prompt_logprobs, p) for o, p in zip(outs, prompts)],
+              "engine_start_s": ready}
+    _shutdown(llm)
+    return result
+
+
+def _shutdown(llm) -> None:
+    """Stop the engine core and its workers before the interpreter exits (left to the interpreter's exit, the CPU
+    workers' threads sometimes abort it: "terminate called without an active exception")."""
+    llm.llm_engine.engine_core.shutdown()
 
 
 def _free_port() -> int:
@@ -114,7 +122,7 @@ def main() -> None:
     if mode == "load":
         from vllm import LLM
 
-        LLM(model=ckpt, **ENGINE_ARGS)
+        _shutdown(LLM(model=ckpt, **ENGINE_ARGS))
         print(RESULT + json.dumps({"ok": True}), flush=True)
         return
     tp, prompts = int(sys.argv[3]), json.loads(sys.argv[4])
