@@ -22,6 +22,8 @@ def python() -> Path:
 def require() -> Path:
     exe = python()
     if not exe.exists():
+        if os.environ.get("WUSH_REQUIRE_VLLM"):  # CI builds it: a missing environment is a failure there
+            pytest.fail(f"WUSH_REQUIRE_VLLM is set but there is no vLLM environment at {exe}")
         pytest.skip(f"no vLLM environment at {exe}: build it with `bash .ci/vllm-env` (or set WUSH_VLLM_PYTHON)")
     return exe
 

@@ -78,7 +78,8 @@ def test_corrupt_checkpoint_is_refused_with_the_file_and_tensor(ckpts, tmp_path)
     data[lo + 3] ^= 0x40
     f.write_bytes(bytes(data))
     text = _load_error(d, tmp_path)
-    assert "CheckpointError" in text and "model.layers.1.mlp.down_proj.weight_codes" in text, text[-4000:]
+    # vLLM builds its config with pydantic, which re-raises the CheckpointError (a ValueError) with its message
+    assert "model.layers.1.mlp.down_proj.weight_codes" in text, text[-4000:]
     assert "does not match the CRC-32" in text and str(f) in text, text[-4000:]
 
 
@@ -89,7 +90,7 @@ def test_edited_config_is_refused(ckpts, tmp_path):
     cfg["quantization_config"]["modules"][name]["share_group"] = "edited"
     (d / "config.json").write_text(json.dumps(cfg))
     text = _load_error(d, tmp_path)
-    assert "CheckpointError" in text and "config.json quantization_config does not match the CRC-32" in text, \
+    assert "config.json quantization_config does not match the CRC-32" in text, \
         text[-4000:]
 
 
