@@ -17,7 +17,7 @@ import time
 import urllib.request
 
 RESULT = "RESULT "
-ENGINE_ARGS = dict(dtype="float32", enforce_eager=True, max_model_len=64, max_num_seqs=4, kv_cache_memory_bytes=64 << 20)
+ENGINE_ARGS = dict(dtype="float32", enforce_eager=True, max_model_len=128, max_num_seqs=4, kv_cache_memory_bytes=64 << 20)
 
 
 def _logprob_rows(prompt_logprobs, tokens):
