@@ -210,10 +210,10 @@ def load_config_dict(config: dict[str, Any]) -> "hf.WushQuantizationConfig":
 
 @dataclasses.dataclass(frozen=True)
 class Forward:
-    """How a loaded layer runs: ``single`` (one ``wush.linear`` over all rows: one member, or fused members with
+    """How a loaded layer runs: ``single`` (one ``wush.fused_linear`` over all rows: one member, or fused members with
     one transform, activation scale and weight global scale), ``group`` (one transform and activation scale,
     per-member weight global scales: ``wush.fused_linear_group``, x quantized once) or ``members`` (each member
-    its own transform: one ``wush.linear`` each)."""
+    its own transform: one ``wush.fused_linear`` each)."""
 
     mode: str
     sizes: tuple[int, ...]
@@ -236,11 +236,14 @@ def plan_forward(transform: torch.Tensor, act_global_scale: torch.Tensor, weight
 
 
 def forward(plan: Forward, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, transform: torch.Tensor,
-            wgs: torch.Tensor, ags: torch.Tensor, bias: Optional[torch.Tensor], fmt: str) -> torch.Tensor:
-    """The layer's output (M, sum(sizes)) for x (M, K_local) through ``torch.ops.wush`` (on the CPU: the reference
-    path). ``codes`` / ``scales`` hold the members' rows one after another."""
+            wgs: torch.Tensor, ags: torch.Tensor, bias: Optional[torch.Tensor], fmt: str,
+            kernel: str = "auto") -> torch.Tensor:
+    """The layer's output (M, sum(sizes)) for x (M, K_local) through ``torch.ops.wush``: ``fused_linear`` /
+    ``fused_linear_group``, the ops the ``wush`` compiler rewrites a WushLinear's ``wush.linear`` into, so the
+    dispatcher picks the kernel per call from M (``kernel="auto"``; on the CPU: the reference path, the numbers of
+    ``wush.linear``). ``codes`` / ``scales`` hold the members' rows one after another."""
     if plan.mode == "single":
-        return torch.ops.wush.linear(x, codes, scales, transform[0], wgs[0], ags[0], bias, fmt)
+        return torch.ops.wush.fused_linear(x, codes, scales, transform[0], wgs[0], ags[0], bias, fmt, kernel)
     offsets = [0]
     for s in plan.sizes:
         offsets.append(offsets[-1] + s)
@@ -249,8 +252,8 @@ def forward(plan: Forward, x: torch.Tensor, codes: torch.Tensor, scales: torch.T
     if plan.mode == "group":
         outs = torch.ops.wush.fused_linear_group(
             x, [codes[r] for r in rows], [scales[r] for r in rows], transform[0], [wgs[i] for i in range(len(rows))],
-            ags[0], biases, fmt, "auto")
+            ags[0], biases, fmt, kernel)
     else:
-        outs = [torch.ops.wush.linear(x, codes[r], scales[r], transform[i], wgs[i], ags[i], biases[i], fmt)
-                for i, r in enumerate(rows)]
+        outs = [torch.ops.wush.fused_linear(x, codes[r], scales[r], transform[i], wgs[i], ags[i], biases[i], fmt,
+                                            kernel) for i, r in enumerate(rows)]
     return torch.cat(outs, dim=-1)
