@@ -42,6 +42,7 @@ __all__ = [
     "WushColwiseParallel",
     "WushRowwiseParallel",
     "ShardError",
+    "row_shard_width",
     "tp_plan",
     "parallelize",
     "load_sharded",
@@ -158,14 +159,7 @@ class WushRowwiseParallel(ParallelStyle):
         k = module.in_features
         if isinstance(module, WushLinear):
             g = module.group_size
-            if k % (world * g):
-                raise ShardError(
-                    f"row-parallel: in_features K={k} over tp={world} gives K/tp={k / world:g} columns per rank, not "
-                    f"a multiple of the {module.fmt.value} block size G={g}; a shard must hold whole transform "
-                    f"blocks (K must be a multiple of tp*G={world * g}) - use a smaller tp or keep this layer "
-                    "replicated"
-                )
-            kl = k // world
+            kl = row_shard_width(k, world, module.fmt.value)
             cuts = {"weight_codes": (1, kl // 2), "weight_scales": (1, kl // g), "transform": (0, kl // g)}
         elif isinstance(module, nn.Linear):
             if k % world:
@@ -206,6 +200,23 @@ class WushRowwiseParallel(ParallelStyle):
 
         module.register_forward_hook(reduce)
         return module
+
+
+def row_shard_width(k: int, world: int, fmt: str, what: str = "row-parallel") -> int:
+    """Columns per rank of a row-parallel (K split) quantized layer: ``K / tp``, which must hold whole transform
+    blocks of G (a ShardError naming K, tp and G otherwise). Shared by :class:`WushRowwiseParallel` and the vLLM
+    linear method (:mod:`wush_compile.vllm`)."""
+    from .config import Format
+
+    g = Format.parse(fmt).group_size
+    if k % (world * g):
+        raise ShardError(
+            f"{what}: in_features K={k} over tp={world} gives K/tp={k / world:g} columns per rank, not "
+            f"a multiple of the {Format.parse(fmt).value} block size G={g}; a shard must hold whole transform "
+            f"blocks (K must be a multiple of tp*G={world * g}) - use a smaller tp or keep this layer "
+            "replicated"
+        )
+    return k // world
 
 
 _STYLES = {"colwise": WushColwiseParallel, "rowwise": WushRowwiseParallel}
