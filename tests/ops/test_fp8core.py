@@ -236,3 +236,8 @@ def test_router_runs_fp8core_when_pinned_single_and_group():
     assert not ok and "K=96" in why
     dispatch.clear()
     assert not fp8core._PACKED
+    codes = layers[1][0].clone()
+    fp8core.packed_codes(codes)
+    assert len(fp8core._PACKED) == 1
+    del codes  # the packed copy goes with its codes
+    assert not fp8core._PACKED

@@ -91,6 +91,20 @@ def _store_group(q_ptr, rows64, rmask, K, k0, val, G: tl.constexpr):
 
 
 @triton.jit
+def _list_wide_rows(rows, rmask, wide, flag_ptr, list_ptr, count_ptr, stats_ptr):
+    """Flag the block's wide rows and append them to the fallback list (one atomic per program); count the
+    fallback rows and all rows."""
+    tl.store(flag_ptr + rows, wide.to(tl.int32), mask=rmask)
+    n_new = tl.sum(wide.to(tl.int32), axis=0)
+    if n_new > 0:
+        base_i = tl.atomic_add(count_ptr, n_new)
+        slot = base_i + tl.cumsum(wide.to(tl.int32), axis=0) - 1
+        tl.store(list_ptr + slot, rows, mask=wide)
+        tl.atomic_add(stats_ptr, n_new)
+    tl.atomic_add(stats_ptr + 1, tl.sum(rmask.to(tl.int32), axis=0))
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, stride_xm, t_ptr, q_ptr, rs_ptr, sc_ptr, flag_ptr, list_ptr, count_ptr, stats_ptr,
                       M, K, BM: tl.constexpr, G: tl.constexpr, DOT_IEEE: tl.constexpr):
     """Transform + MXFP4 quantize + row fold of BM rows: pass 1 gets the row's group exponents, pass 2
@@ -125,15 +139,7 @@ def _act_quant_kernel(x_ptr, stride_xm, t_ptr, q_ptr, rs_ptr, sc_ptr, flag_ptr, 
         _store_group(q_ptr, rows64, rmask, K, k0, val, G)
         sb = tl.where(bad, 255, e + 127)
         tl.store(sc_ptr + rows64 * (K // G) + k0 // G, sb.to(tl.uint8), mask=rmask)
-    # list the wide rows for the fallback (flags dedup, one atomic per program)
-    tl.store(flag_ptr + rows, wide.to(tl.int32), mask=rmask)
-    n_new = tl.sum(wide.to(tl.int32), axis=0)
-    if n_new > 0:
-        base_i = tl.atomic_add(count_ptr, n_new)
-        slot = base_i + tl.cumsum(wide.to(tl.int32), axis=0) - 1
-        tl.store(list_ptr + slot, rows, mask=wide)
-        tl.atomic_add(stats_ptr, n_new)
-    tl.atomic_add(stats_ptr + 1, tl.sum(rmask.to(tl.int32), axis=0))
+    _list_wide_rows(rows, rmask, wide, flag_ptr, list_ptr, count_ptr, stats_ptr)
 
 
 # 4 packed weight bytes -> 4 e4m3 of the low nibbles, 4 of the high nibbles: the e2m1 bits s e e m moved to
@@ -374,11 +380,4 @@ def _act_fold_kernel(q_ptr, sc_ptr, rowst_ptr, rs_ptr, flag_ptr, list_ptr, count
     if pid_k == 0:
         rs = tl.where(nbad > 0, float("nan"), _pow2(tl.maximum(ref, -149)))
         tl.store(rs_ptr + rows, rs, mask=rmask)
-        tl.store(flag_ptr + rows, wide.to(tl.int32), mask=rmask)
-        n_new = tl.sum(wide.to(tl.int32), axis=0)
-        if n_new > 0:
-            base_i = tl.atomic_add(count_ptr, n_new)
-            slot = base_i + tl.cumsum(wide.to(tl.int32), axis=0) - 1
-            tl.store(list_ptr + slot, rows, mask=wide)
-            tl.atomic_add(stats_ptr, n_new)
-        tl.atomic_add(stats_ptr + 1, tl.sum(rmask.to(tl.int32), axis=0))
+        _list_wide_rows(rows, rmask, wide, flag_ptr, list_ptr, count_ptr, stats_ptr)

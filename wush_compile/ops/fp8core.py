@@ -265,7 +265,10 @@ def packed_codes(codes: torch.Tensor) -> torch.Tensor:
     if hit is not None and hit[0]() is codes and hit[1] == codes._version:
         return hit[2]
     packed = pack_weights(codes.contiguous())
-    _PACKED[id(codes)] = (weakref.ref(codes), codes._version, packed)
+    key = id(codes)
+    if hit is None:  # drop the packed copy with the codes (a deleted model frees its device memory)
+        weakref.finalize(codes, _PACKED.pop, key, None)
+    _PACKED[key] = (weakref.ref(codes), codes._version, packed)
     return packed
 
 
