@@ -241,3 +241,18 @@ def test_router_runs_fp8core_when_pinned_single_and_group():
     assert len(fp8core._PACKED) == 1
     del codes  # the packed copy goes with its codes
     assert not fp8core._PACKED
+
+
+def test_bad_shapes_get_clear_errors():
+    x = torch.randn(4, 96, device=DEV)
+    with pytest.raises(ValueError, match="K % 128 == 0, got K=96"):
+        fp8core.quantize_act_fp8(x, torch.eye(G, device=DEV).expand(3, G, G).contiguous())
+    x = torch.randn(4, 128, device=DEV)
+    with pytest.raises(ValueError, match=r"transform must be \(4, 32, 32\)"):
+        fp8core.quantize_act_fp8(x, torch.eye(G, device=DEV).expand(3, G, G).contiguous())
+    with pytest.raises(ValueError, match="2-D activations"):
+        fp8core.quantize_act_fp8(x[None], torch.eye(G, device=DEV).expand(4, G, G).contiguous())
+    q, rs, sc, st = fp8core.quantize_act_fp8(x, torch.eye(G, device=DEV).expand(4, G, G).contiguous())
+    with pytest.raises(ValueError, match="packed codes"):
+        fp8core.gemm(q, rs, sc, st, torch.zeros(8, 32, dtype=torch.uint8, device=DEV),
+                     torch.zeros(8, 4, dtype=torch.uint8, device=DEV), torch.ones(()))
