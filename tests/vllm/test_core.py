@@ -47,6 +47,19 @@ def test_fused_layer_spec_lists_its_members():
         _core.check_layer_sizes(spec, 64, [64, 32, 16])
 
 
+def test_format3_entries_without_sizes_take_the_model_layers_sizes():
+    """Compact (format 3) entries carry no sizes: the spec takes vLLM's layer sizes; recorded sizes still check."""
+    p = "model.layers.0.mlp"
+    e = {k: v for k, v in _entry("g").items() if k not in ("in_features", "out_features")}
+    qc = _qc({f"{p}.gate_proj": dict(e, in_features=None, out_features=None),
+              f"{p}.up_proj": dict(e, in_features=None, out_features=None)})
+    spec = _core.layer_spec(qc, f"{p}.gate_up_proj")
+    assert spec.in_features is None and spec.out_features == (None, None)
+    _core.check_layer_sizes(spec, 64, [128, 128])
+    with pytest.raises(CheckpointError, match="config does not match the model"):
+        _core.check_layer_sizes(spec, 64, [128])
+
+
 def test_partly_quantized_or_mixed_fused_layer_is_refused():
     p = "model.layers.0.mlp"
     with pytest.raises(CheckpointError, match=r"only \['model.layers.0.mlp.gate_proj'\] are quantized"):

@@ -50,8 +50,8 @@ class LayerSpec:
     members: tuple[str, ...]
     fmt: Format
     dtype: torch.dtype
-    in_features: int
-    out_features: tuple[int, ...]
+    in_features: Optional[int]  # None: not in config.json (format 3 takes sizes from the model's layers)
+    out_features: tuple[Optional[int], ...]
     bias: bool
     share_groups: tuple[Optional[str], ...]
 
@@ -98,16 +98,25 @@ def layer_spec(qc: "hf.WushQuantizationConfig", prefix: str, packed: dict[str, l
         members=tuple(names),
         fmt=Format.parse(e0["fmt"]),
         dtype=hf._FLOAT_DTYPES[e0["dtype"]],
-        in_features=int(e0["in_features"]),
-        out_features=tuple(int(e["out_features"]) for e in entries),
+        in_features=_size(e0.get("in_features")),
+        out_features=tuple(_size(e.get("out_features")) for e in entries),
         bias=bool(e0["bias"]),
         share_groups=tuple(e["share_group"] for e in entries),
     )
 
 
+def _size(v) -> Optional[int]:
+    return None if v is None else int(v)
+
+
 def check_layer_sizes(spec: LayerSpec, input_size: int, output_sizes: Sequence[int]) -> None:
-    """The vLLM layer's full sizes must be those config.json records for its modules."""
-    if input_size != spec.in_features or tuple(int(s) for s in output_sizes) != spec.out_features:
+    """The vLLM layer's full sizes must be those config.json records for its modules (where it records them;
+    format 3 leaves them to the model, and the tensors' shapes are checked as they load)."""
+    outs = tuple(int(s) for s in output_sizes)
+    bad_in = spec.in_features is not None and input_size != spec.in_features
+    bad_out = len(outs) != len(spec.out_features) or any(
+        want is not None and got != want for got, want in zip(outs, spec.out_features))
+    if bad_in or bad_out:
         raise hf.CheckpointError(
             f"config.json quantization_config: vLLM layer '{spec.prefix}' is {input_size} -> {list(output_sizes)}, "
             f"but the checkpoint's {list(spec.members)} are {spec.in_features} -> {list(spec.out_features)}; the "
