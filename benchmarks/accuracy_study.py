@@ -14,7 +14,13 @@ evaluation budget) is skipped, so an interrupted study resumes. Phases:
 - ``screen``: MXFP4 GPTQ + WUSH, one GPTQ knob at a time (block order, damping value and scope, in-block
   schedule, sequential vs non-sequential Hessians);
 - ``data``: MXFP4 GPTQ + WUSH, calibration data (amount, sequence length, a second domain mixed in);
-- ``full``: identity / Hadamard / WUSH x MXFP4 / NVFP4 (GPTQ) for today's defaults and ``--best`` settings.
+- ``full``: RTN / GPTQ x identity / Hadamard / WUSH x MXFP4 / NVFP4 for today's defaults (and GPTQ for the
+  ``--best`` settings).
+
+``--tasks`` also runs a zero-shot lm-evaluation-harness task set on every model (full precision included): one
+multiple-choice task per text (the start of a held-out paragraph, its true continuation against those of three
+other paragraphs of the same text; ``calibrate.lm_tasks``), recorded as ``acc`` / ``acc_norm`` with their standard
+errors.
 
     PYTHONPATH=. nice python benchmarks/accuracy_study.py --phase screen --eval-tokens 2048
 """
@@ -69,7 +75,7 @@ def eval_texts() -> dict[str, str]:
 def _knobs(**kw) -> dict:
     base = dict(
         format="mxfp4", transform="wush", damp=0.01, gptq_order="forward", gptq_damp_scope="full",
-        gptq_inblock="sequential", sequential=True, nsamples=8, seqlen=512, mix=0,
+        gptq_inblock="sequential", sequential=True, nsamples=8, seqlen=512, mix=0, method="gptq",
     )
     base.update(kw)
     return base
@@ -99,10 +105,12 @@ def phase_configs(phase: str, best: dict) -> list[tuple[str, dict]]:
         ]
     if phase == "full":
         out = []
-        for setting, kw in (("default", {}), (f"best:{_tag(best)}", best)) if best else (("default", {}),):
-            for fmt in ("mxfp4", "nvfp4"):
-                for kind in ("identity", "hadamard", "wush"):
-                    out.append((f"{setting}/{fmt}/{kind}", _knobs(format=fmt, transform=kind, **kw)))
+        for fmt in ("mxfp4", "nvfp4"):
+            for kind in ("identity", "hadamard", "wush"):
+                out.append((f"default/{fmt}/rtn/{kind}", _knobs(format=fmt, transform=kind, method="rtn")))
+                out.append((f"default/{fmt}/{kind}", _knobs(format=fmt, transform=kind)))
+                if best:
+                    out.append((f"best:{_tag(best)}/{fmt}/{kind}", _knobs(format=fmt, transform=kind, **best)))
         return out
     raise ValueError(f"unknown phase {phase!r}; choose screen, screen2, data or full")
 
@@ -143,6 +151,55 @@ def batches_for(kw: dict, tokenizer, calib_ids: torch.Tensor, license_ids: torch
     return out
 
 
+#: Items per zero-shot task (fewer where the text has fewer paragraphs of >= 40 words) and their shape.
+TASK_ITEMS, CONTEXT_WORDS, CONTINUATION_WORDS = 120, 32, 8
+
+
+def write_tasks(folder: str, texts: dict[str, str]) -> tuple[list[str], dict[str, int]]:
+    """One zero-shot multiple-choice task per evaluation text (``calibrate.lm_tasks``) in ``folder``: the task
+    names and the items per text."""
+    from calibrate import lm_tasks
+
+    names, counts = [], {}
+    for tn, text in texts.items():
+        n_par = sum(len(p.split()) >= CONTEXT_WORDS + CONTINUATION_WORDS for p in text.split("\n\n"))
+        items = lm_tasks.continuation_items(text, min(TASK_ITEMS, n_par), context_words=CONTEXT_WORDS,
+                                            continuation_words=CONTINUATION_WORDS, seed=0)
+        names.append(lm_tasks.write_choice_task(folder, f"wush_choice_{tn}", items))
+        counts[tn] = len(items)
+    return names, counts
+
+
+def run_tasks(model, tokenizer, folder: str, names: list[str]) -> dict:
+    from calibrate.cli import run_tasks as _run
+
+    res = _run(model, tokenizer, names, batch_size=8, include_path=folder)
+    return {n.removeprefix("wush_choice_"): {k.split(",")[0]: float(v) for k, v in res[n].items()
+                                              if k.split(",")[0] in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")}
+            for n in names}
+
+
+def task_table(path: str) -> str:
+    """acc_norm (and acc) per zero-shot task of every record that has them."""
+    recs = [r for r in _done(path).values() if r.get("tasks")]
+    if not recs:
+        return "(no zero-shot task results yet: run with --tasks)"
+    names = list(recs[0]["tasks"])
+    lines = ["| configuration | " + " | ".join(f"{t} acc_norm (acc)" for t in names) + " | mean acc_norm |",
+             "|---|" + "---|" * (len(names) + 1)]
+    for r in sorted(recs, key=lambda r: (r["kind"] != "fp", r["name"])):
+        t = r["tasks"]
+        cells = " | ".join(f"{t[n]['acc_norm']:.3f} ({t[n]['acc']:.3f})" for n in names)
+        mean = sum(t[n]["acc_norm"] for n in names) / len(names)
+        lines.append(f"| {'full precision' if r['kind'] == 'fp' else r['name']} | {cells} | {mean:.3f} |")
+    n_items = recs[0].get("task_items", {})
+    if n_items:
+        lines.append("")
+        lines.append("items per task: " + ", ".join(f"{k} {v}" for k, v in n_items.items()) +
+                     f"; standard error of acc_norm about {max(v['acc_norm_stderr'] for v in recs[0]['tasks'].values()):.3f}")
+    return "\n".join(lines)
+
+
 def table(path: str) -> str:
     """The results of ``path`` as a Markdown table: perplexity / fp per text, mean layer error, seconds."""
     recs = list(_done(path).values())
@@ -170,9 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--best", default="", help="knobs of the best setting, e.g. 'gptq_order=reverse,damp=0.1'")
     p.add_argument("--only", default=None, help="run only configurations whose name contains this")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tasks", action="store_true", help="also run the zero-shot lm_eval task set on every model")
     args = p.parse_args(argv)
     if args.table:
         print(table(args.out))
+        print()
+        print(task_table(args.out))
         return 0
     if not args.phase:
         p.error("choose at least one --phase (or --table)")
@@ -191,13 +251,25 @@ def main(argv: list[str] | None = None) -> int:
     eval_ids = {
         name: data.evaluation_tokens(data.tokenize(tokenizer, t), EVAL_SEQLEN, args.eval_tokens) for name, t in texts.items()
     }
+    task_dir = task_names = None
+    if args.tasks:
+        import tempfile
+
+        task_dir = tempfile.mkdtemp(prefix="wush-study-tasks-")
+        task_names, task_items = write_tasks(task_dir, texts)
+        meta["task_items"] = task_items
     fp_key = ("fp", "fp", args.eval_tokens)
     if fp_key in done:
         fp = done[fp_key]["ppl"]
+        if args.tasks and not done[fp_key].get("tasks"):
+            rec = {**done[fp_key], "tasks": run_tasks(model, tokenizer, task_dir, task_names), **meta}
+            _append(args.out, rec)
     else:
         fp = {name: evaluate.perplexity(model, ids, EVAL_SEQLEN, desc=f"fp {name}") for name, ids in eval_ids.items()}
         rec = {"kind": "fp", "name": "fp", "eval_tokens": args.eval_tokens, "ppl": fp,
                "tokens": {k: int(v.numel()) for k, v in eval_ids.items()}, **meta}
+        if args.tasks:
+            rec["tasks"] = run_tasks(model, tokenizer, task_dir, task_names)
         _append(args.out, rec)
     logger.info("fp perplexity: %s", fp)
     calib_ids = data.tokenize(tokenizer, data.default_texts()[0])
@@ -207,11 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, kw in phase_configs(phase, best):
             if args.only and args.only not in name:
                 continue
-            if ("cfg", name, args.eval_tokens) in done:
+            prev = done.get(("cfg", name, args.eval_tokens))
+            if prev is not None and (prev.get("tasks") or not args.tasks):
                 logger.info("skip %s (already in %s)", name, args.out)
                 continue
             cfg = WushConfig(
-                format=kw["format"], method="gptq", transform=kw["transform"], damp=kw["damp"],
+                format=kw["format"], method=kw["method"], transform=kw["transform"], damp=kw["damp"],
                 gptq_order=kw["gptq_order"], gptq_damp_scope=kw["gptq_damp_scope"], gptq_inblock=kw["gptq_inblock"],
                 sequential=kw["sequential"], nsamples=kw["nsamples"] + kw["mix"], seqlen=kw["seqlen"], seed=args.seed,
             )
@@ -230,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                 "ppl": ppl, "ratio": ratio, "layer_rel_err": report.mean_rel_err,
                 "calib_s": round(calib_s, 1), "eval_s": round(eval_s, 1), **meta,
             }
+            if args.tasks:
+                rec["tasks"] = run_tasks(qmodel, tokenizer, task_dir, task_names)
             _append(args.out, rec)
             done[("cfg", name, args.eval_tokens)] = rec
             logger.info(

@@ -3,15 +3,19 @@ tests and the measured SmolLM2 figures.
 
 :func:`write_rolling_task` writes a JSON-lines file of documents and a task YAML (``output_type:
 loglikelihood_rolling``, lm_eval's word / byte perplexity and bits per byte) reading it through the ``json``
-builder of ``datasets``; pass the folder as ``--include-path``.
+builder of ``datasets``; pass the folder as ``--include-path``. :func:`continuation_items` +
+:func:`write_choice_task` make a zero-shot multiple-choice task of the same kind from any text: the start of a
+paragraph, its true continuation and continuations of other paragraphs of the same text as distractors (lm_eval's
+``acc`` and length-normalized ``acc_norm``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 
-__all__ = ["write_rolling_task", "split_documents"]
+__all__ = ["write_rolling_task", "split_documents", "continuation_items", "write_choice_task"]
 
 
 def split_documents(text: str, n: int, min_chars: int = 200) -> list[str]:
@@ -47,6 +51,73 @@ metric_list:
   - metric: word_perplexity
   - metric: byte_perplexity
   - metric: bits_per_byte
+metadata:
+  version: 1.0
+"""
+    with open(os.path.join(folder, f"{name}.yaml"), "w", encoding="utf-8") as f:
+        f.write(yaml)
+    return name
+
+
+def continuation_items(text: str, n: int, *, context_words: int = 48, continuation_words: int = 12,
+                       n_choices: int = 4, seed: int = 0) -> list[dict]:
+    """``n`` zero-shot multiple-choice items from the paragraphs of ``text``: each holds ``context`` (the first
+    ``context_words`` words of a paragraph), ``choices`` (its next ``continuation_words`` words and the words at the
+    same place of ``n_choices - 1`` other paragraphs, shuffled) and ``gold`` (the true one's index). Deterministic
+    for a given ``seed``."""
+    if n < 1 or n_choices < 2 or context_words < 1 or continuation_words < 1:
+        raise ValueError(f"continuation_items: n={n}, n_choices={n_choices}, context_words={context_words} and "
+                         f"continuation_words={continuation_words} must be >= 1 (n_choices >= 2)")
+    need = context_words + continuation_words
+    paras = [p.split() for p in text.split("\n\n")]
+    paras = [w for w in paras if len(w) >= need]
+    if len(paras) < max(n, n_choices):
+        raise ValueError(f"the text holds {len(paras)} paragraphs of >= {need} words, fewer than the "
+                         f"{max(n, n_choices)} needed; pass a longer text or ask for fewer items")
+    rng = random.Random(seed)
+    conts = [" ".join(w[context_words:need]) for w in paras]
+    items = []
+    for i in range(n):
+        others = [j for j in range(len(paras)) if j != i and conts[j] != conts[i]]
+        if len(others) < n_choices - 1:
+            raise ValueError(f"paragraph {i} has fewer than {n_choices - 1} distinct distractors; ask for fewer choices")
+        picks = [i, *rng.sample(others, n_choices - 1)]
+        rng.shuffle(picks)
+        items.append({"context": " ".join(paras[i][:context_words]), "choices": [" " + conts[j] for j in picks],
+                      "gold": picks.index(i)})
+    return items
+
+
+def write_choice_task(folder: str | os.PathLike, name: str, items: list[dict]) -> str:
+    """``folder/NAME.jsonl`` + ``folder/NAME.yaml``: an lm_eval ``multiple_choice`` task over ``items`` (as
+    :func:`continuation_items` makes them), metrics ``acc`` and ``acc_norm``. Returns the task name."""
+    if not items:
+        raise ValueError("write_choice_task: no items")
+    for k, it in enumerate(items):
+        if not (isinstance(it.get("choices"), list) and len(it["choices"]) >= 2
+                and isinstance(it.get("gold"), int) and 0 <= it["gold"] < len(it["choices"])):
+            raise ValueError(f"write_choice_task: item {k} needs 'context', >= 2 'choices' and a 'gold' index into "
+                             f"them, got {it!r:.200}")
+    os.makedirs(folder, exist_ok=True)
+    data = os.path.abspath(os.path.join(folder, f"{name}.jsonl"))
+    with open(data, "w", encoding="utf-8") as f:
+        for it in items:
+            f.write(json.dumps({"context": it["context"], "choices": it["choices"], "gold": it["gold"]}) + "\n")
+    yaml = f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(data)}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+target_delimiter: ""
+should_decontaminate: false
+metric_list:
+  - metric: acc
+  - metric: acc_norm
 metadata:
   version: 1.0
 """

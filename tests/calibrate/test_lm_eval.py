@@ -116,3 +116,46 @@ def test_lm_eval_own_cli_on_a_wush_checkpoint_through_the_launcher(wush_ckpt, tm
     from transformers import AutoTokenizer
 
     assert got == pytest.approx(_own_bits_per_byte(model, AutoTokenizer.from_pretrained(out), _docs()), rel=1e-5)
+
+
+def _own_choice_scores(model, tok, items):
+    """acc and acc_norm (log-likelihood per byte of the choice) computed directly from the model."""
+    acc = acc_norm = 0
+    with torch.no_grad():
+        for it in items:
+            ctx = tok(it["context"], add_special_tokens=False).input_ids
+            ll, ll_norm = [], []
+            for ch in it["choices"]:
+                cont = tok(ch, add_special_tokens=False).input_ids
+                ids = torch.tensor([ctx + cont])
+                logp = torch.log_softmax(model(ids).logits.double()[0, :-1], -1)
+                s = float(logp[len(ctx) - 1:].gather(1, ids[0, len(ctx):, None]).sum())
+                ll.append(s)
+                ll_norm.append(s / len(ch.encode("utf-8")))
+            acc += int(max(range(len(ll)), key=ll.__getitem__) == it["gold"])
+            acc_norm += int(max(range(len(ll_norm)), key=ll_norm.__getitem__) == it["gold"])
+    return acc / len(items), acc_norm / len(items)
+
+
+def test_choice_task_scores_equal_the_models_own_likelihoods(tmp_path):
+    items = lm_tasks.continuation_items(data.default_texts()[1], 12, context_words=8, continuation_words=4, seed=1)
+    assert all(it["choices"][it["gold"]] != c for it in items for i, c in enumerate(it["choices"]) if i != it["gold"])
+    assert len({it["gold"] for it in items}) > 1  # the true continuation is not always in one place
+    assert items == lm_tasks.continuation_items(data.default_texts()[1], 12, context_words=8, continuation_words=4,
+                                                seed=1)
+    lm_tasks.write_choice_task(tmp_path, "wush_tiny_choice", items)
+    model, tok = tiny_model(), _tokenizer()
+    res = run_tasks(model, tok, ["wush_tiny_choice"], include_path=str(tmp_path))["wush_tiny_choice"]
+    acc, acc_norm = _own_choice_scores(model, tok, items)
+    assert res["acc,none"] == pytest.approx(acc) and res["acc_norm,none"] == pytest.approx(acc_norm), (res, acc, acc_norm)
+
+
+def test_choice_task_errors(tmp_path):
+    with pytest.raises(ValueError, match="fewer than the 5 needed"):
+        lm_tasks.continuation_items("one two three four\n\nfive six", 5, context_words=2, continuation_words=1)
+    with pytest.raises(ValueError, match="n_choices=1"):
+        lm_tasks.continuation_items("x", 1, n_choices=1)
+    with pytest.raises(ValueError, match="no items"):
+        lm_tasks.write_choice_task(tmp_path, "x", [])
+    with pytest.raises(ValueError, match="item 0 needs"):
+        lm_tasks.write_choice_task(tmp_path, "x", [{"context": "a", "choices": ["b", "c"], "gold": 2}])
