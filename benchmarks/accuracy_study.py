@@ -11,8 +11,8 @@ install has, plus the mean layer-wise relative output error of the calibration r
 Every configuration is one JSON line appended to ``--out``; a configuration already there (same name and
 evaluation budget) is skipped, so an interrupted study resumes. Phases:
 
-- ``screen``: MXFP4 GPTQ + WUSH, one GPTQ knob at a time (block order, damping value and scope, in-block
-  schedule, sequential vs non-sequential Hessians);
+- ``screen`` (``screen-nvfp4``): MXFP4 (NVFP4) GPTQ + WUSH, one GPTQ knob at a time (block order, damping value
+  and scope, in-block schedule, sequential vs non-sequential Hessians);
 - ``data``: MXFP4 GPTQ + WUSH, calibration data (amount, sequence length, a second domain mixed in);
 - ``full``: RTN / GPTQ x identity / Hadamard / WUSH x MXFP4 / NVFP4 for today's defaults (and GPTQ for the
   ``--best`` settings).
@@ -82,17 +82,20 @@ def _knobs(**kw) -> dict:
 
 
 def phase_configs(phase: str, best: dict) -> list[tuple[str, dict]]:
-    if phase == "screen":
+    if phase in ("screen", "screen-nvfp4"):
+        fmt, prefix = ("mxfp4", "") if phase == "screen" else ("nvfp4", "nvfp4:")
         return [
-            ("base", _knobs()),
-            ("order=reverse", _knobs(gptq_order="reverse")),
-            ("order=act", _knobs(gptq_order="act")),
-            ("damp=0.001", _knobs(damp=0.001)),
-            ("damp=0.1", _knobs(damp=0.1)),
-            ("damp_scope=block", _knobs(gptq_damp_scope="block")),
-            ("inblock=act", _knobs(gptq_inblock="act")),
-            ("inblock=none", _knobs(gptq_inblock="none")),
-            ("sequential=False", _knobs(sequential=False)),
+            (prefix + name, _knobs(format=fmt, **kw)) for name, kw in (
+                ("base", {}),
+                ("order=reverse", dict(gptq_order="reverse")),
+                ("order=act", dict(gptq_order="act")),
+                ("damp=0.001", dict(damp=0.001)),
+                ("damp=0.1", dict(damp=0.1)),
+                ("damp_scope=block", dict(gptq_damp_scope="block")),
+                ("inblock=act", dict(gptq_inblock="act")),
+                ("inblock=none", dict(gptq_inblock="none")),
+                ("sequential=False", dict(sequential=False)),
+            )
         ]
     if phase == "screen2":  # combinations of the screening winners
         return [(f"combo:{_tag(best)}", _knobs(**best))] if best else []
@@ -112,7 +115,7 @@ def phase_configs(phase: str, best: dict) -> list[tuple[str, dict]]:
                 if best:
                     out.append((f"best:{_tag(best)}/{fmt}/{kind}", _knobs(format=fmt, transform=kind, **best)))
         return out
-    raise ValueError(f"unknown phase {phase!r}; choose screen, screen2, data or full")
+    raise ValueError(f"unknown phase {phase!r}; choose screen, screen-nvfp4, screen2, data or full")
 
 
 def _tag(kw: dict) -> str:
@@ -220,7 +223,7 @@ def table(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--phase", action="append", default=[], help="screen | screen2 | data | full (repeatable)")
+    p.add_argument("--phase", action="append", default=[], help="screen | screen-nvfp4 | screen2 | data | full (repeatable)")
     p.add_argument("--table", action="store_true", help="print the results in --out as a Markdown table and exit")
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per text (default 4096)")
     p.add_argument("--out", default="benchmarks/results/accuracy_study.jsonl")
