@@ -155,7 +155,7 @@ def batches_for(kw: dict, tokenizer, calib_ids: torch.Tensor, license_ids: torch
 
 
 #: Items per zero-shot task (fewer where the text has fewer paragraphs of >= 40 words) and their shape.
-TASK_ITEMS, CONTEXT_WORDS, CONTINUATION_WORDS = 120, 32, 8
+TASK_ITEMS, CONTEXT_WORDS, CONTINUATION_WORDS = 80, 32, 8
 
 
 def write_tasks(folder: str, texts: dict[str, str]) -> tuple[list[str], dict[str, int]]:
