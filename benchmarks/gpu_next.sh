@@ -5,6 +5,7 @@
 #   vllm     - the ops as vLLM calls them (tests/vllm/test_ops_gpu.py)
 #   layers   - `wush bench --layers` on this tree and on the tree before the runtime restructure, same machine
 #              (needs .before/: git archive fb212ae | tar -x -C .before; carry it)
+#   onload   - block-by-block GPTQ calibration of the 8B shape (15 GiB bf16) on a GPU capped at 8 GiB
 #   e2e:V    - `wush bench --e2e --model llama8b --variants V` (V: bf16, fp8 or wush); merge the JSONs of one
 #              machine with benchmarks/e2e_merge.py
 #   bash benchmarks/gpu_next.sh kernels vllm
@@ -33,6 +34,9 @@ for stage in "$@"; do
         (cd "$dir" && PYTHONPATH=$dir timeout 280 $PY -m wush_compile.cli bench --layers --m 1 --m 16 --m 128 --m 2048 \
            --fmt mxfp4 --out "$OUT/layers_$tree") 2>&1 | tail -40 | tee "$OUT/layers_$tree.log"
       done
+      ;;
+    onload)
+      timeout 560 $PY benchmarks/calibrate_block_by_block.py --gpu-limit-gib 8 2>&1 | tail -20 | tee "$OUT/onload.log"
       ;;
     e2e:*)
       v=${stage#e2e:}
