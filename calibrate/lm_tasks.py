@@ -32,31 +32,14 @@ def write_rolling_task(folder: str | os.PathLike, name: str, documents: list[str
     document. Returns the task name."""
     if not documents:
         raise ValueError("write_rolling_task: no documents")
-    os.makedirs(folder, exist_ok=True)
-    data = os.path.abspath(os.path.join(folder, f"{name}.jsonl"))
-    with open(data, "w", encoding="utf-8") as f:
-        for doc in documents:
-            f.write(json.dumps({"text": doc}) + "\n")
-    yaml = f"""task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {json.dumps(data)}
-test_split: test
-output_type: loglikelihood_rolling
+    return _write_task(folder, name, [{"text": doc} for doc in documents], """output_type: loglikelihood_rolling
 doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-should_decontaminate: false
+doc_to_target: "{{text}}"
 metric_list:
   - metric: word_perplexity
   - metric: byte_perplexity
   - metric: bits_per_byte
-metadata:
-  version: 1.0
-"""
-    with open(os.path.join(folder, f"{name}.yaml"), "w", encoding="utf-8") as f:
-        f.write(yaml)
-    return name
+""")
 
 
 def continuation_items(text: str, n: int, *, context_words: int = 48, continuation_words: int = 12,
@@ -98,29 +81,36 @@ def write_choice_task(folder: str | os.PathLike, name: str, items: list[dict]) -
                 and isinstance(it.get("gold"), int) and 0 <= it["gold"] < len(it["choices"])):
             raise ValueError(f"write_choice_task: item {k} needs 'context', >= 2 'choices' and a 'gold' index into "
                              f"them, got {it!r:.200}")
+    rows = [{"context": it["context"], "choices": it["choices"], "gold": it["gold"]} for it in items]
+    return _write_task(folder, name, rows, """output_type: multiple_choice
+doc_to_text: "{{context}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: gold
+target_delimiter: ""
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""")
+
+
+def _write_task(folder: str | os.PathLike, name: str, rows: list[dict], body: str) -> str:
+    """``folder/NAME.jsonl`` (one JSON object per row) and ``folder/NAME.yaml`` (the json builder of ``datasets``
+    reading it, then ``body``: the output type, fields and metrics). Returns ``name``."""
     os.makedirs(folder, exist_ok=True)
     data = os.path.abspath(os.path.join(folder, f"{name}.jsonl"))
     with open(data, "w", encoding="utf-8") as f:
-        for it in items:
-            f.write(json.dumps({"context": it["context"], "choices": it["choices"], "gold": it["gold"]}) + "\n")
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
     yaml = f"""task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {json.dumps(data)}
 test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: gold
-target_delimiter: ""
 should_decontaminate: false
-metric_list:
-  - metric: acc
-  - metric: acc_norm
 metadata:
   version: 1.0
-"""
+""" + body
     with open(os.path.join(folder, f"{name}.yaml"), "w", encoding="utf-8") as f:
         f.write(yaml)
     return name
