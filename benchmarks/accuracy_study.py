@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/accuracy_study.jsonl")
     p.add_argument("--best", default="", help="knobs of the best setting, e.g. 'gptq_order=reverse,damp=0.1'")
     p.add_argument("--only", default=None, help="run only configurations whose name contains this")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the calibration windows (records of a seed other than 0 are named NAME@seedS)")
     p.add_argument("--tasks", action="store_true", help="also run the zero-shot lm_eval task set on every model")
     args = p.parse_args(argv)
     if args.table:
@@ -282,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, kw in phase_configs(phase, best):
             if args.only and args.only not in name:
                 continue
+            if args.seed:  # another draw of the calibration windows: its own record
+                name = f"{name}@seed{args.seed}"
             prev = done.get(("cfg", name, args.eval_tokens))
             if prev is not None and (prev.get("tasks") or not args.tasks):
                 logger.info("skip %s (already in %s)", name, args.out)
