@@ -190,7 +190,7 @@ def task_table(path: str) -> str:
     names = list(recs[0]["tasks"])
     lines = ["| configuration | " + " | ".join(f"{t} acc_norm (acc)" for t in names) + " | mean acc_norm |",
              "|---|" + "---|" * (len(names) + 1)]
-    for r in sorted(recs, key=lambda r: (r["kind"] != "fp", r["name"])):
+    for r in sorted(recs, key=_row_order):
         t = r["tasks"]
         cells = " | ".join(f"{t[n]['acc_norm']:.3f} ({t[n]['acc']:.3f})" for n in names)
         mean = sum(t[n]["acc_norm"] for n in names) / len(names)
@@ -221,6 +221,29 @@ def table(path: str) -> str:
     return "\n".join(lines)
 
 
+def _row_order(r: dict) -> tuple:
+    """full precision, then default before other settings, format, RTN before GPTQ, identity / Hadamard / WUSH."""
+    if r["kind"] == "fp":
+        return (0,)
+    k = r["knobs"]
+    return (1, r["name"].split("/")[0] != "default", k["format"], {"rtn": 0}.get(k.get("method", "gptq"), 1),
+            {"identity": 0, "hadamard": 1, "wush": 2}[k["transform"]], r["name"])
+
+
+def full_table(path: str) -> str:
+    """The ``full`` phase as one row per setting / format / method / transform: perplexity ratio vs full precision
+    per text and the mean layer error."""
+    recs = [r for r in _done(path).values() if r["kind"] == "cfg" and r.get("phase") == "full"]
+    lines = ["| setting | format | method | transform | pydoc x fp | gpl3 x fp | dpkg x fp | mean layer rel. err |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(recs, key=_row_order):
+        k = r["knobs"]
+        cells = " | ".join(f"{r['ratio'][t]:.3f}" for t in ("pydoc", "gpl3", "dpkg"))
+        lines.append(f"| {r['name'].split('/')[0]} | {k['format']} | {k['method']} | {k['transform']} | {cells} | "
+                     f"{r['layer_rel_err']:.4f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--phase", action="append", default=[], help="screen | screen-nvfp4 | screen2 | data | full (repeatable)")
@@ -235,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.table:
         print(table(args.out))
+        print()
+        print(full_table(args.out))
         print()
         print(task_table(args.out))
         return 0
