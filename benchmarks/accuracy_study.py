@@ -13,7 +13,7 @@ evaluation budget) is skipped, so an interrupted study resumes. Phases:
 
 - ``screen`` (``screen-nvfp4``): MXFP4 (NVFP4) GPTQ + WUSH, one GPTQ knob at a time (block order, damping value
   and scope, in-block schedule, sequential vs non-sequential Hessians);
-- ``data``: MXFP4 GPTQ + WUSH, calibration data (amount, sequence length, a second domain mixed in);
+- ``data`` (``data-nvfp4``): MXFP4 (NVFP4) GPTQ + WUSH, calibration data (amount, sequence length, a second domain mixed in);
 - ``full``: RTN / GPTQ x identity / Hadamard / WUSH x MXFP4 / NVFP4 for today's defaults (and GPTQ for the
   ``--best`` settings).
 
@@ -99,12 +99,15 @@ def phase_configs(phase: str, best: dict) -> list[tuple[str, dict]]:
         ]
     if phase == "screen2":  # combinations of the screening winners
         return [(f"combo:{_tag(best)}", _knobs(**best))] if best else []
-    if phase == "data":
+    if phase in ("data", "data-nvfp4"):
+        fmt, prefix = ("mxfp4", "") if phase == "data" else ("nvfp4", "nvfp4:")
         return [
-            ("data=16x512", _knobs(nsamples=16)),
-            ("data=16x256", _knobs(nsamples=16, seqlen=256)),
-            ("data=4x1024", _knobs(nsamples=4, seqlen=1024)),
-            ("data=6x512+2x512license", _knobs(nsamples=6, mix=2)),
+            (prefix + name, _knobs(format=fmt, **kw)) for name, kw in (
+                ("data=16x512", dict(nsamples=16)),
+                ("data=16x256", dict(nsamples=16, seqlen=256)),
+                ("data=4x1024", dict(nsamples=4, seqlen=1024)),
+                ("data=6x512+2x512license", dict(nsamples=6, mix=2)),
+            )
         ]
     if phase == "full":
         out = []
@@ -115,7 +118,7 @@ def phase_configs(phase: str, best: dict) -> list[tuple[str, dict]]:
                 if best:
                     out.append((f"best:{_tag(best)}/{fmt}/{kind}", _knobs(format=fmt, transform=kind, **best)))
         return out
-    raise ValueError(f"unknown phase {phase!r}; choose screen, screen-nvfp4, screen2, data or full")
+    raise ValueError(f"unknown phase {phase!r}; choose screen, screen-nvfp4, screen2, data, data-nvfp4 or full")
 
 
 def _tag(kw: dict) -> str:
@@ -246,7 +249,7 @@ def full_table(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--phase", action="append", default=[], help="screen | screen-nvfp4 | screen2 | data | full (repeatable)")
+    p.add_argument("--phase", action="append", default=[], help="screen | screen-nvfp4 | screen2 | data | data-nvfp4 | full (repeatable)")
     p.add_argument("--table", action="store_true", help="print the results in --out as a Markdown table and exit")
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per text (default 4096)")
     p.add_argument("--out", default="benchmarks/results/accuracy_study.jsonl")
