@@ -15,7 +15,7 @@ import json
 import os
 import random
 
-__all__ = ["write_rolling_task", "split_documents", "continuation_items", "write_choice_task"]
+__all__ = ["write_rolling_task", "split_documents", "continuation_items", "long_paragraphs", "write_choice_task"]
 
 
 def split_documents(text: str, n: int, min_chars: int = 200) -> list[str]:
@@ -52,8 +52,7 @@ def continuation_items(text: str, n: int, *, context_words: int = 48, continuati
         raise ValueError(f"continuation_items: n={n}, n_choices={n_choices}, context_words={context_words} and "
                          f"continuation_words={continuation_words} must be >= 1 (n_choices >= 2)")
     need = context_words + continuation_words
-    paras = [p.split() for p in text.split("\n\n")]
-    paras = [w for w in paras if len(w) >= need]
+    paras = long_paragraphs(text, need)
     if len(paras) < max(n, n_choices):
         raise ValueError(f"the text holds {len(paras)} paragraphs of >= {need} words, fewer than the "
                          f"{max(n, n_choices)} needed; pass a longer text or ask for fewer items")
@@ -71,13 +70,19 @@ def continuation_items(text: str, n: int, *, context_words: int = 48, continuati
     return items
 
 
+def long_paragraphs(text: str, min_words: int) -> list[list[str]]:
+    """The words of each blank-line separated paragraph of ``text`` with at least ``min_words`` words (what
+    :func:`continuation_items` draws its items from)."""
+    return [w for w in (p.split() for p in text.split("\n\n")) if len(w) >= min_words]
+
+
 def write_choice_task(folder: str | os.PathLike, name: str, items: list[dict]) -> str:
     """``folder/NAME.jsonl`` + ``folder/NAME.yaml``: an lm_eval ``multiple_choice`` task over ``items`` (as
     :func:`continuation_items` makes them), metrics ``acc`` and ``acc_norm``. Returns the task name."""
     if not items:
         raise ValueError("write_choice_task: no items")
     for k, it in enumerate(items):
-        if not (isinstance(it.get("choices"), list) and len(it["choices"]) >= 2
+        if not (isinstance(it.get("context"), str) and isinstance(it.get("choices"), list) and len(it["choices"]) >= 2
                 and isinstance(it.get("gold"), int) and 0 <= it["gold"] < len(it["choices"])):
             raise ValueError(f"write_choice_task: item {k} needs 'context', >= 2 'choices' and a 'gold' index into "
                              f"them, got {it!r:.200}")

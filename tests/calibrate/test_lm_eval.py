@@ -159,3 +159,6 @@ def test_choice_task_errors(tmp_path):
         lm_tasks.write_choice_task(tmp_path, "x", [])
     with pytest.raises(ValueError, match="item 0 needs"):
         lm_tasks.write_choice_task(tmp_path, "x", [{"context": "a", "choices": ["b", "c"], "gold": 2}])
+    with pytest.raises(ValueError, match="item 1 needs 'context'"):
+        lm_tasks.write_choice_task(tmp_path, "x", [{"context": "a", "choices": ["b", "c"], "gold": 0},
+                                                   {"choices": ["b", "c"], "gold": 0}])
