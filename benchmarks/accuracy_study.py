@@ -81,34 +81,34 @@ def _knobs(**kw) -> dict:
     return base
 
 
+def _per_format(phase: str, rows) -> list[tuple[str, dict]]:
+    """MXFP4 rows for a phase, NVFP4 rows (named ``nvfp4:NAME``) for its ``-nvfp4`` twin."""
+    nv = phase.endswith("-nvfp4")
+    return [(("nvfp4:" if nv else "") + name, _knobs(format="nvfp4" if nv else "mxfp4", **kw)) for name, kw in rows]
+
+
 def phase_configs(phase: str, best: dict) -> list[tuple[str, dict]]:
     if phase in ("screen", "screen-nvfp4"):
-        fmt, prefix = ("mxfp4", "") if phase == "screen" else ("nvfp4", "nvfp4:")
-        return [
-            (prefix + name, _knobs(format=fmt, **kw)) for name, kw in (
-                ("base", {}),
-                ("order=reverse", dict(gptq_order="reverse")),
-                ("order=act", dict(gptq_order="act")),
-                ("damp=0.001", dict(damp=0.001)),
-                ("damp=0.1", dict(damp=0.1)),
-                ("damp_scope=block", dict(gptq_damp_scope="block")),
-                ("inblock=act", dict(gptq_inblock="act")),
-                ("inblock=none", dict(gptq_inblock="none")),
-                ("sequential=False", dict(sequential=False)),
-            )
-        ]
+        return _per_format(phase, (
+            ("base", {}),
+            ("order=reverse", dict(gptq_order="reverse")),
+            ("order=act", dict(gptq_order="act")),
+            ("damp=0.001", dict(damp=0.001)),
+            ("damp=0.1", dict(damp=0.1)),
+            ("damp_scope=block", dict(gptq_damp_scope="block")),
+            ("inblock=act", dict(gptq_inblock="act")),
+            ("inblock=none", dict(gptq_inblock="none")),
+            ("sequential=False", dict(sequential=False)),
+        ))
     if phase == "screen2":  # combinations of the screening winners
         return [(f"combo:{_tag(best)}", _knobs(**best))] if best else []
     if phase in ("data", "data-nvfp4"):
-        fmt, prefix = ("mxfp4", "") if phase == "data" else ("nvfp4", "nvfp4:")
-        return [
-            (prefix + name, _knobs(format=fmt, **kw)) for name, kw in (
-                ("data=16x512", dict(nsamples=16)),
-                ("data=16x256", dict(nsamples=16, seqlen=256)),
-                ("data=4x1024", dict(nsamples=4, seqlen=1024)),
-                ("data=6x512+2x512license", dict(nsamples=6, mix=2)),
-            )
-        ]
+        return _per_format(phase, (
+            ("data=16x512", dict(nsamples=16)),
+            ("data=16x256", dict(nsamples=16, seqlen=256)),
+            ("data=4x1024", dict(nsamples=4, seqlen=1024)),
+            ("data=6x512+2x512license", dict(nsamples=6, mix=2)),
+        ))
     if phase == "full":
         out = []
         for fmt in ("mxfp4", "nvfp4"):
@@ -168,7 +168,7 @@ def write_tasks(folder: str, texts: dict[str, str]) -> tuple[list[str], dict[str
 
     names, counts = [], {}
     for tn, text in texts.items():
-        n_par = sum(len(p.split()) >= CONTEXT_WORDS + CONTINUATION_WORDS for p in text.split("\n\n"))
+        n_par = len(lm_tasks.long_paragraphs(text, CONTEXT_WORDS + CONTINUATION_WORDS))
         items = lm_tasks.continuation_items(text, min(TASK_ITEMS, n_par), context_words=CONTEXT_WORDS,
                                             continuation_words=CONTINUATION_WORDS, seed=0)
         names.append(lm_tasks.write_choice_task(folder, f"wush_choice_{tn}", items))
