@@ -12,6 +12,7 @@
 set -o pipefail
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: the layers stage runs from .before/
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
