@@ -30,8 +30,10 @@ def main() -> None:
     p.add_argument("--gpu-limit-gib", type=float, default=None, help="cap this process's GPU memory (GiB)")
     a = p.parse_args()
     if a.gpu_limit_gib is not None:
+        if not a.gpu_limit_gib > 0:
+            p.error(f"--gpu-limit-gib {a.gpu_limit_gib} must be above 0 (GiB of GPU memory this process may use)")
         total = torch.cuda.get_device_properties(0).total_memory
-        if not 0 < a.gpu_limit_gib * 2**30 < total:
+        if not a.gpu_limit_gib * 2**30 < total:
             p.error(f"--gpu-limit-gib {a.gpu_limit_gib} must be above 0 and below the GPU's {total / 2**30:.1f} GiB")
         torch.cuda.set_per_process_memory_fraction(a.gpu_limit_gib * 2**30 / total)
     t0 = time.perf_counter()
